@@ -1,0 +1,235 @@
+"""data-prep: turn image corpora (caption tables, labelled trees) into webdataset tar shards with
+a manifest, sizes.json (open_clip) and _info.json (timm). See `data-prep COMMAND --help`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from data_prep import __version__
+from data_prep.fetch import FetchOptions
+from data_prep.images import RESIZE_MODES, ImageOptions
+
+
+def _add_image_args(parser: argparse.ArgumentParser, default_size: int = 256) -> None:
+    group = parser.add_argument_group("images")
+    group.add_argument("--image-size", type=int, default=default_size, help="pixels (default %(default)s)")
+    group.add_argument("--resize-mode", choices=RESIZE_MODES, default="shorter",
+                       help="shorter side to --image-size, a centred square, or keep (default %(default)s)")
+    group.add_argument("--jpeg-quality", type=int, default=95)
+    group.add_argument("--min-image-size", type=int, default=0,
+                       help="reject images whose shorter side is below this (pixels)")
+
+
+def _add_job_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("job")
+    group.add_argument("--shard-size", type=int, default=1000, help="input rows per shard")
+    group.add_argument("--workers", type=int, default=1,
+                       help="partitions in parallel; above 1 they run as Ray tasks")
+    group.add_argument("--address", default=None, help="Ray cluster address (default: embedded Ray)")
+    group.add_argument("--threads", type=int, default=16, help="concurrent rows per partition")
+    group.add_argument("--dedup", action="store_true", help="drop repeated images (same sha256)")
+    group.add_argument("--retry-failed", action="store_true",
+                       help="re-process only the rows that failed in an earlier run")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_fetch_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("downloads (--url-col)")
+    group.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt")
+    group.add_argument("--retries", type=int, default=2, help="extra attempts on transient errors")
+    group.add_argument("--max-image-bytes", type=int, default=50 * 1024 * 1024)
+    group.add_argument("--user-agent", default=FetchOptions.user_agent)
+
+
+def _add_image_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url-col", help="column of image URLs")
+    source.add_argument("--path-col", help="column of image paths, relative to the table's folder")
+    source.add_argument("--bytes-col", help="column of encoded image bytes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data-prep", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"data-prep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    it = sub.add_parser("image-text", help="caption tables (parquet/CSV/TSV/JSONL) to image-text shards")
+    it.add_argument("--input", action="append", required=True, help="table or glob (repeatable)")
+    it.add_argument("--output", type=Path, required=True)
+    it.add_argument("--caption-col", required=True)
+    it.add_argument("--key-col", help="column of unique sample keys (default: shard + row number)")
+    _add_image_source(it)
+    for add in (_add_image_args, _add_job_args, _add_fetch_args):
+        add(it)
+    it.set_defaults(handler=_run_image_text)
+
+    lab = sub.add_parser("labelled", help="ImageFolder tree or path/label table to labelled shards")
+    _add_labelled_args(lab)
+    lab.add_argument("--val-fraction", type=float, default=0.0, help="held-out share written to val/")
+    lab.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    lab.set_defaults(handler=_run_labelled)
+
+    ev = sub.add_parser("eval-set", help="zero-shot or retrieval evaluation sets (CLIP_benchmark layout)")
+    kinds = ev.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
+    zs = kinds.add_parser("zeroshot", help="classification set: test/*.tar + classnames + templates")
+    _add_labelled_args(zs)
+    zs.add_argument("--templates", type=Path, help="file of prompt templates with {c}, one per line")
+    zs.set_defaults(handler=_run_zeroshot)
+    rt = kinds.add_parser("retrieval", help="image-text retrieval set, several captions per image")
+    rt.add_argument("--input", action="append", required=True)
+    rt.add_argument("--output", type=Path, required=True)
+    rt.add_argument("--caption-col", required=True)
+    rt.add_argument("--image-id-col", help="rows sharing this value are one image (default: the image column)")
+    _add_image_source(rt)
+    for add in (_add_image_args, _add_job_args, _add_fetch_args):
+        add(rt)
+    rt.set_defaults(handler=_run_retrieval)
+
+    sample = sub.add_parser("sample", help="write a small real offline sample corpus")
+    names = sample.add_subparsers(dest="sample_kind", required=True, metavar="NAME")
+    digits = names.add_parser("digits", help="scikit-learn digits: labelled, image-text, zero-shot")
+    digits.add_argument("--output", type=Path, required=True, help="corpus root folder")
+    digits.add_argument("--image-size", type=int, default=32, help="side in pixels (default 32)")
+    digits.add_argument("--val-fraction", type=float, default=0.2)
+    digits.add_argument("--seed", type=int, default=0)
+    digits.set_defaults(handler=_run_sample_digits)
+
+    ver = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
+    ver.add_argument("dir", type=Path, help="a dataset folder, or a folder holding several")
+    ver.set_defaults(handler=_run_verify)
+    return parser
+
+
+def _add_labelled_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="ImageFolder root, or a table (with the columns below)")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--path-col", help="table column of image paths (relative to the table)")
+    parser.add_argument("--label-col", help="table column of class names or integer labels")
+    parser.add_argument("--classnames", type=Path, help="file of class names in label order, one per line")
+    _add_image_args(parser)
+    _add_job_args(parser)
+
+
+def _image_options(args: argparse.Namespace) -> ImageOptions:
+    return ImageOptions(args.image_size, args.resize_mode, args.jpeg_quality, args.min_image_size)
+
+
+def _job_options(args: argparse.Namespace):  # -> JobOptions (imported lazily: keeps --help fast)
+    from data_prep.job import JobOptions
+
+    return JobOptions(args.shard_size, args.workers, args.address, args.threads, args.dedup,
+                      args.retry_failed, not args.no_progress)
+
+
+def _image_text_request(args: argparse.Namespace):
+    from data_prep.image_text import ImageTextRequest
+
+    source, column = next((s, getattr(args, f"{s}_col")) for s in ("url", "path", "bytes")
+                          if getattr(args, f"{s}_col"))
+    fetch = FetchOptions(args.timeout, args.retries, max_bytes=args.max_image_bytes,
+                         user_agent=args.user_agent)
+    return ImageTextRequest(tuple(args.input), args.output, args.caption_col, column, source,
+                            getattr(args, "key_col", None), _image_options(args), fetch,
+                            _job_options(args))
+
+
+def _run_image_text(args: argparse.Namespace) -> int:
+    from data_prep.image_text import run_image_text
+
+    return _summarise(args.output, run_image_text(_image_text_request(args)))
+
+
+def _run_retrieval(args: argparse.Namespace) -> int:
+    from data_prep.image_text import run_retrieval
+
+    return _summarise(args.output / "test", run_retrieval(_image_text_request(args), args.image_id_col))
+
+
+def _labelled_request(args: argparse.Namespace):
+    from data_prep.labelled import LabelledRequest
+
+    classnames = tuple(_read_lines(args.classnames)) if args.classnames else None
+    return LabelledRequest(args.input, args.output, args.path_col, args.label_col, classnames,
+                           getattr(args, "val_fraction", 0.0), getattr(args, "seed", 0),
+                           _image_options(args), _job_options(args))
+
+
+def _run_labelled(args: argparse.Namespace) -> int:
+    from data_prep.labelled import run_labelled
+
+    reports = run_labelled(_labelled_request(args))
+    for split, report in reports.items():
+        folder = args.output / split if len(reports) > 1 else args.output
+        _summarise(folder, report)
+    return 0
+
+
+def _run_zeroshot(args: argparse.Namespace) -> int:
+    from data_prep.labelled import run_zeroshot
+
+    templates = _read_lines(args.templates) if args.templates else None
+    return _summarise(args.output / "test", run_zeroshot(_labelled_request(args), templates))
+
+
+def _run_sample_digits(args: argparse.Namespace) -> int:
+    from data_prep.samples.digits import write_digits_corpus
+
+    root = write_digits_corpus(args.output, image_size_px=args.image_size,
+                               val_fraction=args.val_fraction, seed=args.seed)
+    print(f"digits corpus ready at {root}")
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from data_prep.verify import find_datasets, verify_dataset
+
+    failed = 0
+    for folder in find_datasets(args.dir):
+        problems = verify_dataset(folder)
+        for line in problems:
+            print(f"MISMATCH {line}", file=sys.stderr)
+        failed += bool(problems)
+        print(f"{'FAILED' if problems else 'ok'}  {folder}")
+    if failed:
+        print(f"data-prep verify: {failed} dataset(s) do not match their manifest", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    return [line for line in lines if line]
+
+
+def _summarise(folder: Path, report) -> int:
+    """One line of totals and one of rejections per reason: every row is accounted for."""
+    m = report.manifest
+    rate = m["num_samples"] / report.seconds if report.seconds > 0 else 0.0
+    print(f"{folder}: {m['num_samples']} samples in {len(m['shards'])} shards from "
+          f"{m['num_input_rows']} rows ({report.num_partitions_run} partitions run, "
+          f"{report.seconds:.1f} s, {rate:.1f} samples/s)")
+    if m["rejected"]:
+        reasons = ", ".join(f"{reason}={count}" for reason, count in m["rejected"].items())
+        print(f"{folder}: rejected {sum(m['rejected'].values())}: {reasons}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything imports Ray: an embedded single-machine Ray stays on 127.0.0.1.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ValueError as exc:
+        # User mistakes (bad paths, wrong columns, unreadable tables) end in one clear line.
+        print(f"data-prep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

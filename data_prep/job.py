@@ -1,0 +1,234 @@
+"""The driver shared by every table/tree command: plan partitions, run them (in-process or as Ray
+tasks), resume, and write the manifest from the per-partition stats."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_prep.dedup import HashRegistry, RayHashRegistry
+from data_prep.manifest import build_manifest, write_dataset_metadata
+from data_prep.partition import OK, PartitionResult, PartitionTask, process_partition, read_stats, stats_path
+from data_prep.rows import DUPLICATE_KEY_COL, RowSpec
+from data_prep.writer import ShardRecord, write_bytes_atomic
+
+JOB_FILE = "_job.json"
+
+
+@dataclass
+class SourceTable:
+    """One input (a table, or the listing of an image tree) already loaded as Arrow."""
+
+    source: str
+    base_dir: str
+    """Folder that relative image paths in this source resolve against."""
+    table: pa.Table
+    num_unreadable_rows: int = 0
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    shard_size: int = 1000
+    """Input rows per partition; each partition becomes one shard of at most this many samples."""
+    num_workers: int = 1
+    """Partitions in flight at once; above 1 (or with `address`) they run as Ray tasks."""
+    address: str | None = None
+    """Ray cluster address; None starts an embedded local Ray when num_workers > 1."""
+    num_threads: int = 16
+    """Rows fetched and decoded concurrently inside one partition."""
+    dedup: bool = False
+    retry_failed: bool = False
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.num_workers < 1 or self.num_threads < 1:
+            raise ValueError("--shard-size, --workers and --threads must be at least 1")
+
+
+@dataclass
+class JobReport:
+    manifest: dict
+    num_partitions_run: int
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOptions, *,
+            dataset_name: str, split: str, source_info: dict, extra_rejected: dict[str, int] | None = None,
+            manifest_extra: dict | None = None) -> JobReport:
+    """Process every row of `sources` into shards under `out_dir` and write its manifest."""
+    start = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_identity(out_dir, spec, sources, job)
+    if spec.key_col is not None:
+        sources = _mark_duplicate_keys(sources, spec.key_col)
+    tasks = plan_partitions(sources, job.shard_size)
+    todo = [t for t in tasks if _needs_run(out_dir, t.shard_index, job.retry_failed)]
+    num_rows = sum(t.rows.num_rows for t in todo)
+    with _progress(num_rows, job.show_progress) as advance:
+        _execute(spec, todo, out_dir, job, _seen_hashes(out_dir, tasks) if job.dedup else None,
+                 advance)
+    manifest = _finalize(out_dir, spec, tasks, sources, job, dataset_name=dataset_name, split=split,
+                         source_info=source_info, extra_rejected=extra_rejected or {},
+                         manifest_extra=manifest_extra or {})
+    return JobReport(manifest, len(todo), time.monotonic() - start)
+
+
+def plan_partitions(sources: Iterable[SourceTable], shard_size: int) -> list[PartitionTask]:
+    """Consecutive row ranges of each source; shard numbers run on across sources."""
+    tasks: list[PartitionTask] = []
+    global_row = 0
+    key_digits = len(str(shard_size - 1))
+    for src in sources:
+        for first in range(0, src.table.num_rows, shard_size):
+            rows = src.table.slice(first, shard_size)
+            tasks.append(PartitionTask(len(tasks), src.source, src.base_dir, first, global_row,
+                                       rows, key_digits))
+            global_row += rows.num_rows
+    return tasks
+
+
+def _check_identity(out_dir: Path, spec: RowSpec, sources: list[SourceTable], job: JobOptions) -> None:
+    """Resuming is only safe into a folder written by the same job (same inputs and options)."""
+    spec_dict = dataclasses.asdict(spec)
+    spec_dict.pop("fetch")  # timeouts and retries may change between attempts
+    identity = json.loads(json.dumps({
+        "spec": spec_dict, "shard_size": job.shard_size, "dedup": job.dedup,
+        "inputs": [{"source": s.source, "num_rows": s.table.num_rows} for s in sources],
+    }))
+    path = out_dir / JOB_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if previous != identity:
+            changed = sorted(k for k in identity if previous.get(k) != identity[k])
+            raise ValueError(f"{out_dir} holds the output of a different job ({', '.join(changed)} "
+                             "differ); use a new --output folder or delete this one")
+        return
+    if any(out_dir.glob("*.tar")):
+        raise ValueError(f"{out_dir} already holds shards not written by data-prep; "
+                         "use an empty --output folder")
+    write_bytes_atomic(path, (json.dumps(identity, indent=1) + "\n").encode("utf-8"))
+
+
+def _mark_duplicate_keys(sources: list[SourceTable], key_col: str) -> list[SourceTable]:
+    """Flag every repeat of a --key-col value (across all inputs); the first occurrence wins."""
+    seen: set[str] = set()
+    marked = []
+    for src in sources:
+        flags = []
+        for value in src.table.column(key_col).to_pylist():
+            key = None if value is None else str(value).strip()
+            flags.append(key is not None and key in seen)
+            if key is not None:
+                seen.add(key)
+        table = src.table.append_column(DUPLICATE_KEY_COL, pa.array(flags, pa.bool_()))
+        marked.append(dataclasses.replace(src, table=table))
+    return marked
+
+
+def _needs_run(out_dir: Path, shard_index: int, retry_failed: bool) -> bool:
+    path = stats_path(out_dir, shard_index)
+    if not path.is_file():
+        return True
+    if not retry_failed:
+        return False
+    _, table = read_stats(path)
+    return bool(pc.any(pc.not_equal(table.column("status"), OK)).as_py())
+
+
+def _seen_hashes(out_dir: Path, tasks: list[PartitionTask]) -> list[str]:
+    """Digests of samples already on disk (seed for --dedup). Partitions without stats run from
+    scratch; those with stats keep their ok rows, even under --retry-failed."""
+    seen: list[str] = []
+    for task in tasks:
+        path = stats_path(out_dir, task.shard_index)
+        if path.is_file():
+            _, table = read_stats(path)
+            ok = table.filter(pc.equal(table.column("status"), OK))
+            seen.extend(d for d in ok.column("sha256").to_pylist() if d)
+    return seen
+
+
+def _execute(spec: RowSpec, todo: list[PartitionTask], out_dir: Path, job: JobOptions,
+             seen: list[str] | None, advance: Callable[[PartitionResult], None]) -> None:
+    if not todo:
+        return
+    if job.num_workers == 1 and job.address is None:
+        claimer = HashRegistry(seen) if seen is not None else None
+        for task in todo:
+            advance(process_partition(spec, task, str(out_dir), job.num_threads, claimer,
+                                      job.retry_failed))
+        return
+    from data_prep.ray_runner import run_on_ray
+
+    run_on_ray(spec, todo, str(out_dir), job, seen, advance)
+
+
+def _finalize(out_dir: Path, spec: RowSpec, tasks: list[PartitionTask], sources: list[SourceTable],
+              job: JobOptions, *, dataset_name: str, split: str, source_info: dict,
+              extra_rejected: dict[str, int], manifest_extra: dict) -> dict:
+    shards: list[ShardRecord] = []
+    rejected: dict[str, int] = dict(extra_rejected)
+    unreadable = sum(s.num_unreadable_rows for s in sources)
+    if unreadable:
+        rejected["unreadable_row"] = rejected.get("unreadable_row", 0) + unreadable
+    for task in tasks:
+        record, table = read_stats(stats_path(out_dir, task.shard_index))
+        if record.num_samples:
+            shards.append(record)
+        for status, count in zip(*_value_counts(table.column("status"))):
+            if status != OK:
+                rejected[status] = rejected.get(status, 0) + count
+    options = {"shard_size": job.shard_size, "dedup": job.dedup, **dataclasses.asdict(spec.image),
+               "image_source": spec.image_source, "image_col": spec.image_col,
+               "caption_col": spec.caption_col, "label_col": spec.label_col, "key_col": spec.key_col}
+    manifest = build_manifest(spec.kind, shards, source=source_info, options=options,
+                              rejected=rejected, classnames=spec.classnames or None)
+    manifest["num_input_rows"] = sum(t.rows.num_rows for t in tasks) + sum(extra_rejected.values()) + unreadable
+    manifest["stats_files"] = [stats_path(out_dir, t.shard_index).name for t in tasks]
+    manifest.update(manifest_extra)
+    if spec.kind == "image_text":
+        manifest.pop("num_classes", None)
+    write_dataset_metadata(out_dir, manifest, split=split, dataset_name=dataset_name)
+    return manifest
+
+
+def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    counts = pc.value_counts(column)
+    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
+class _progress:
+    """tqdm over input rows (samples/s and ETA in the bar); silent when disabled or missing."""
+
+    def __init__(self, num_rows: int, enabled: bool) -> None:
+        self._bar = None
+        self._samples = 0
+        if enabled and num_rows:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # progress is a convenience, not a dependency
+                return
+            self._bar = tqdm(total=num_rows, unit="row", file=sys.stderr, dynamic_ncols=True)
+        self._start = time.monotonic()
+
+    def __enter__(self) -> Callable[[PartitionResult], None]:
+        return self._advance
+
+    def _advance(self, result: PartitionResult) -> None:
+        self._samples += result.shard.num_samples
+        if self._bar is not None:
+            self._bar.update(result.num_rows)
+            rate = self._samples / max(1e-9, time.monotonic() - self._start)
+            self._bar.set_postfix(samples=self._samples, samples_per_s=f"{rate:.1f}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()

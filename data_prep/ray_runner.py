@@ -1,0 +1,54 @@
+"""Partitions as Ray tasks: an embedded local Ray by default, or a cluster given by --address.
+Imported only when needed, so the rest of data_prep works without starting Ray."""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Callable
+
+from data_prep.dedup import RayHashRegistry
+from data_prep.partition import PartitionResult, PartitionTask, process_partition
+from data_prep.rows import RowSpec
+
+if TYPE_CHECKING:  # job.py imports this module lazily; avoid a runtime cycle
+    from data_prep.job import JobOptions
+
+
+def run_on_ray(spec: RowSpec, todo: list[PartitionTask], out_dir: str, job: JobOptions,
+               seen: list[str] | None, advance: Callable[[PartitionResult], None]) -> None:
+    """Run every partition as a task, at most 2 x num_workers in flight; results in completion order."""
+    import ray
+
+    started_here = _ensure_ray(job.num_workers, job.address)
+    try:
+        # Partitions are idempotent (atomic renames), so Ray may safely retry a lost worker's task.
+        remote = ray.remote(num_cpus=1, max_retries=2)(process_partition)
+        claimer = RayHashRegistry.start(seen) if seen is not None else None
+        spec_ref = ray.put(spec)
+        queue = list(reversed(todo))
+        pending: list = []
+        while queue or pending:
+            while queue and len(pending) < 2 * job.num_workers:
+                task = queue.pop()
+                pending.append(remote.remote(spec_ref, task, out_dir, job.num_threads, claimer,
+                                             job.retry_failed))
+            done, pending = ray.wait(pending, num_returns=1)
+            advance(ray.get(done[0]))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ensure_ray(num_workers: int, address: str | None) -> bool:
+    """Connect to (or start) Ray unless this process already did; True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address, configure_logging=False)
+    else:
+        # A single-machine Ray keeps all its traffic on 127.0.0.1 with this set (ENVIRONMENT.md).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(num_cpus=num_workers, include_dashboard=False, configure_logging=False)
+    return True
+

@@ -1,0 +1,1 @@
+"""Small, real, offline sample corpora for demos and tests."""

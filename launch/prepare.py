@@ -1,0 +1,114 @@
+"""Everything the driver does before a worker starts: sample corpus, absolute paths, preflight, run dir.
+
+Each failure is a ConfigError naming the key and the config file, so nothing is asked of Ray (or a GPU)
+for a run that cannot start.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, dump_yaml
+from pipeline.data.shards import resolve_shards
+
+# Where each data path of a sample corpus sits under the corpus root (data_prep.samples.digits layout).
+SAMPLE_LAYOUT = ("labelled/train", "labelled/val", "image_text/train", "image_text/val", "zeroshot")
+
+
+def ensure_sample_corpus(cfg: Config, source: str) -> None:
+    """Write the named sample corpus on first use, at the root its data paths imply."""
+    if cfg.data.sample_corpus is None:
+        return
+    for key in ("train", "val"):
+        path = getattr(cfg.data, key)
+        if not path or os.path.exists(path):
+            continue
+        suffix = next((s for s in SAMPLE_LAYOUT if Path(path).as_posix().endswith(s)), None)
+        if suffix is None:
+            raise ConfigError(f"data.{key}", f"{path} is missing, and a sample corpus path must end with one of "
+                              f"{', '.join(SAMPLE_LAYOUT)}", source)
+        root = Path(path.removesuffix(suffix).rstrip("/") or ".")
+        from data_prep.samples.digits import write_digits_corpus
+
+        print(f"[launch] writing the {cfg.data.sample_corpus} sample corpus to {root}", flush=True)
+        write_digits_corpus(root)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Ray workers do not run in the user's directory: every relative path becomes absolute here."""
+    def absolute(spec: str) -> str:
+        parts = [str(Path(p).resolve()) if p and "://" not in p else p for p in spec.split("::")]
+        return "::".join(parts)
+
+    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), val=absolute(cfg.data.val) if cfg.data.val else "")
+    run = dataclasses.replace(cfg.run, output_dir=str(Path(cfg.run.output_dir).resolve()))
+    model = cfg.model
+    if model.pretrained_path:
+        model = dataclasses.replace(model, pretrained_path=str(Path(model.pretrained_path).resolve()))
+    return dataclasses.replace(cfg, data=data, run=run, model=model)
+
+
+def preflight(cfg: Config, source: str) -> None:
+    """Shards exist and are enough for the ranks, classes are known, the batch arithmetic works."""
+    from pipeline.trainer import make_plan, num_classes_of
+
+    try:
+        shards = resolve_shards(cfg.data.train)
+    except ValueError as err:
+        raise ConfigError("data.train", str(err), source) from None
+    if cfg.data.val:
+        try:
+            resolve_shards(cfg.data.val)
+        except ValueError as err:
+            raise ConfigError("data.val", str(err), source) from None
+    try:
+        num_classes_of(cfg)
+    except ValueError as err:
+        raise ConfigError("data.num_classes", str(err).split(": ", 1)[1], source) from None
+    try:
+        make_plan(cfg, sum(s.num_samples for s in shards), cfg.ray.num_workers)
+    except ValueError as err:
+        raise ConfigError("data.batch_size_per_rank", str(err).split(": ", 1)[1], source) from None
+    readers = cfg.ray.num_workers * max(1, cfg.data.num_workers_per_rank)
+    if len(shards) < readers:
+        # Handled (every reader strides over all shards), but each reader then reads every byte.
+        print(f"[launch] note: {len(shards)} shards < {readers} readers (ranks x loader workers): "
+              "each reader scans all shards and keeps its share of samples", flush=True)
+    output = Path(cfg.run.output_dir)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError("run.output_dir", f"{output} is not writable ({err.strerror})", source) from None
+
+
+def write_run_record(cfg: Config, source: str) -> Path:
+    """Resolved config, library versions and git revision: what reproduces this run."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(f"# resolved from {source}\n" + dump_yaml(cfg))
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "deepspeed", "ray", "timm", "open_clip_torch", "webdataset", "pyarrow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    (run_dir / "versions.json").write_text(json.dumps({**versions, "git": git_revision()}, indent=1))
+    return run_dir
+
+
+def git_revision() -> dict:
+    repo = Path(__file__).resolve().parent.parent
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"revision": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}

@@ -1,0 +1,92 @@
+"""`launch pretrain`: validate, prepare, then run the per-worker loop on Ray (or in this process)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from launch.prepare import absolute_paths, ensure_sample_corpus, preflight, write_run_record
+from pipeline.config import Config, load_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("pretrain", help="train a model from a config (Ray + DeepSpeed)")
+    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="run the worker loop in this process (world size 1, or torchrun's environment)")
+    parser.set_defaults(func=run)
+
+
+def prepared_config(config_path: str, overrides: list[str]) -> Config:
+    cfg = load_config(config_path, overrides)
+    ensure_sample_corpus(cfg, config_path)
+    cfg = absolute_paths(cfg)
+    preflight(cfg, config_path)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = prepared_config(args.config, args.set)
+    run_dir = write_run_record(cfg, args.config)
+    print(f"[launch] run dir {run_dir}", flush=True)
+    if args.no_ray:
+        from pipeline.trainer import run_worker
+
+        final = run_worker(cfg.to_dict())
+    else:
+        final = run_on_ray(cfg, args.address or os.environ.get("RAY_ADDRESS"))
+        if final is None:
+            return 1
+    print_summary(final, run_dir)
+    return 0
+
+
+def run_on_ray(cfg: Config, address: str | None) -> dict | None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.trainer import train_loop_per_worker
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            needed_cpus = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999)
+            ray.init(num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=False)
+    use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=cfg.ray.storage_path or str(cfg.run_dir),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # Ray wraps the worker's exception; its last line says what went wrong
+        message = str(err).strip().splitlines()
+        print(f"error: training failed: {message[-1] if message else type(err).__name__}", file=sys.stderr)
+        return None
+    final_path = cfg.run_dir / "final_metrics.json"
+    return json.loads(final_path.read_text()) if final_path.is_file() else {}
+
+
+def print_summary(final: dict, run_dir) -> None:
+    parts = [f"step {final.get('step')}"]
+    for key in ("val_top1", "val_top5", "val_ema_top1", "loss"):
+        if key in final:
+            parts.append(f"{key} {final[key]:.2f}")
+    print(f"[launch] done: {' | '.join(parts)}", flush=True)
+    print(f"[launch] run dir: {run_dir} (metrics.jsonl, config.yaml, checkpoints/)", flush=True)

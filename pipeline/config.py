@@ -1,0 +1,404 @@
+"""Typed run configuration: YAML -> frozen dataclasses, `--set` overrides, validation.
+
+A config travels as plain data (``Config.to_dict()``) from the CLI to every Ray worker, which rebuilds
+it with ``Config.from_dict``. Every user mistake becomes a ``ConfigError`` that names the key and the
+file, so the launcher can print one line and stop before any worker starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: printed as one line, never with a traceback."""
+
+    def __init__(self, key: str, message: str, source: str = "<config>"):
+        self.key, self.message, self.source = key, message, source
+        super().__init__(f"{source}: {key}: {message}")
+
+    def with_source(self, source: str) -> "ConfigError":
+        return ConfigError(self.key, self.message, source)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "run"
+    """Run name; the run directory is <output_dir>/<name>. Relaunching a name resumes it."""
+    output_dir: str = "runs"
+    """Folder that holds run directories (shared storage for multi-node runs)."""
+    seed: int = 0
+    """Seed for model init, augmentation and shard order."""
+    log_every_steps: int = 10
+    """Interval of metrics.jsonl rows and the console progress line."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train: str = ""
+    """Training shards: a folder with manifest.json, a glob, a brace pattern, or several joined by '::'."""
+    val: str = ""
+    """Validation shards (same forms as train); empty disables validation."""
+    sample_corpus: Optional[str] = None
+    """Name of a built-in sample corpus ('digits') written on first use when train/val are missing."""
+    batch_size_per_rank: int = 64
+    """Micro-batch per rank per step (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    global_batch_size: Optional[int] = None
+    """Optional check: must equal batch_size_per_rank x accumulation x ranks when given."""
+    num_workers_per_rank: int = 2
+    """DataLoader worker processes per rank."""
+    image_size_px: int = 224
+    """Training crop size in pixels."""
+    val_image_size_px: Optional[int] = None
+    """Validation crop size (defaults to image_size_px); ResNet strikes back A3 trains 160, tests 224."""
+    val_crop_pct: float = 0.875
+    """Validation resize = crop / crop_pct, then centre crop (timm's convention)."""
+    shuffle_buffer: int = 1000
+    """Samples held in each reader's shuffle buffer."""
+    rrc_scale_min: float = 0.08
+    """Lower bound of RandomResizedCrop's area scale."""
+    hflip_prob: float = 0.5
+    color_jitter: float = 0.0
+    randaugment: Optional[str] = None
+    """timm auto-augment string, e.g. 'rand-m6-mstd0.5-inc1' (RSB A3); null disables."""
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    num_classes: Optional[int] = None
+    """Defaults to the training manifest's num_classes."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    kind: str = "classifier"
+    """Model family: 'classifier' (timm residual networks)."""
+    name: str = "resnet50"
+    """Registered name (pipeline.models) or any timm model name."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate."""
+    zero_init_last: bool = True
+    """Zero-init the last norm of each residual block (Goyal et al.; timm's default)."""
+    pretrained_path: Optional[str] = None
+    """Optional local weights file to initialise from (safe loading, no pickled code)."""
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    """Feed NHWC batches (weights stay NCHW under DeepSpeed, see docs)."""
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    name: str = "sgd"
+    """'sgd', 'adamw' or 'lamb'."""
+    lr: float = 0.1
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 1e-4
+    """Applied to weights only: norms and biases are excluded."""
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip_norm: Optional[float] = None
+    """Global gradient norm clip (DeepSpeed gradient_clipping); null disables."""
+    loss: str = "ce"
+    """'ce' (softmax cross-entropy) or 'bce' (sigmoid, as ResNet strikes back)."""
+    label_smoothing: float = 0.0
+    ema_decay: Optional[float] = None
+    """Weight EMA decay per step (e.g. 0.9998); null disables."""
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    epochs: float = 1.0
+    """Length of training in epochs of the training set."""
+    kind: str = "cosine"
+    """'cosine' or 'step'."""
+    warmup_epochs: float = 0.0
+    """Linear warmup from warmup_lr_ratio x lr."""
+    warmup_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of the peak lr."""
+    step_epochs: tuple[int, ...] = (30, 60, 80)
+    step_gamma: float = 0.1
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (tests, benchmarks); null = epochs decide."""
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    zero_stage: int = 2
+    precision: str = "auto"
+    """'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16'."""
+    gradient_accumulation_steps: int = 1
+    extra: dict = field(default_factory=dict)
+    """Raw keys merged into the generated DeepSpeed JSON (advanced)."""
+
+
+@dataclass(frozen=True)
+class RaySection:
+    num_workers: int = 2
+    """Training ranks (Ray Train workers)."""
+    use_gpu: Optional[bool] = None
+    """null = use GPUs when the cluster has them."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 0
+    """Worker-group restarts from the latest checkpoint (Ray Train FailureConfig)."""
+    storage_path: Optional[str] = None
+    """Where Ray Train keeps its run state; defaults to the run directory's parent."""
+    torch_threads_per_worker: Optional[int] = None
+    """Intra-op threads per rank; defaults to cpus_per_worker."""
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 0
+    """Save every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints kept (the newest complete one is never deleted)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0 = none)."""
+    resume: bool = True
+    """Resume from the run directory's latest complete checkpoint when there is one."""
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 0
+    """Validate every N steps (0 = only at the end)."""
+    at_end: bool = True
+    batch_size_per_rank: Optional[int] = None
+    """Defaults to data.batch_size_per_rank."""
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "data": DataSection,
+    "model": ModelSection,
+    "optim": OptimSection,
+    "schedule": ScheduleSection,
+    "deepspeed": DeepSpeedSection,
+    "ray": RaySection,
+    "checkpoint": CheckpointSection,
+    "eval": EvalSection,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    ray: RaySection = field(default_factory=RaySection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<config>") -> "Config":
+        try:
+            if not isinstance(raw, dict):
+                raise ConfigError("<root>", f"expected a mapping of sections, got {type(raw).__name__}")
+            unknown = sorted(set(raw) - set(SECTIONS))
+            if unknown:
+                raise ConfigError(unknown[0], f"unknown section (valid: {', '.join(SECTIONS)})")
+            sections = {name: _build_section(SECTIONS[name], raw.get(name) or {}, name) for name in SECTIONS}
+            config = cls(**sections)
+            validate(config)
+            return config
+        except ConfigError as err:
+            raise err.with_source(source) from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _build_section(cls: type, raw: Any, section: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(section, f"expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{section}.{key}", f"unknown key (valid: {', '.join(sorted(names))})")
+        values[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the field's type hint; the only conversions are int->float and list->tuple."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(err.message)
+        raise ConfigError(key, errors[0] if errors else f"invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(key, f"expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {hint} for {key}")
+
+
+_CHOICES = {
+    "model.kind": ("classifier",),
+    "optim.name": ("sgd", "adamw", "lamb"),
+    "optim.loss": ("ce", "bce"),
+    "schedule.kind": ("cosine", "step"),
+    "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.sample_corpus": ("digits", None),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express. Paths are checked by the launcher's preflight."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            valid = ", ".join(repr(c) if c is None else c for c in choices)
+            raise ConfigError(key, f"must be one of {valid}, got {value!r}")
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(key, message)
+
+    check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
+    check(cfg.run.log_every_steps >= 1, "run.log_every_steps", "must be >= 1")
+    check(cfg.data.batch_size_per_rank >= 1, "data.batch_size_per_rank", "must be >= 1")
+    check(cfg.data.num_workers_per_rank >= 0, "data.num_workers_per_rank", "must be >= 0")
+    check(cfg.data.image_size_px >= 8, "data.image_size_px", "must be >= 8")
+    check(0 < cfg.data.rrc_scale_min <= 1, "data.rrc_scale_min", "must be in (0, 1]")
+    check(0 < cfg.data.val_crop_pct <= 1, "data.val_crop_pct", "must be in (0, 1]")
+    check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    check(cfg.data.mixup_alpha >= 0, "data.mixup_alpha", "must be >= 0")
+    check(cfg.data.cutmix_alpha >= 0, "data.cutmix_alpha", "must be >= 0")
+    check(cfg.data.num_classes is None or cfg.data.num_classes >= 2, "data.num_classes", "must be >= 2")
+    check(bool(cfg.data.train) or cfg.data.sample_corpus is not None, "data.train", "is required")
+    check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values")
+    check(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+    check(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
+    check(cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0, "optim.grad_clip_norm", "must be > 0")
+    check(cfg.optim.ema_decay is None or 0 < cfg.optim.ema_decay < 1, "optim.ema_decay", "must be in (0, 1)")
+    check(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "each must be in [0, 1)")
+    check(cfg.schedule.epochs > 0, "schedule.epochs", "must be > 0")
+    check(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+    check(cfg.schedule.warmup_epochs < cfg.schedule.epochs, "schedule.warmup_epochs", "must be < schedule.epochs")
+    check(cfg.schedule.max_steps is None or cfg.schedule.max_steps >= 1, "schedule.max_steps", "must be >= 1")
+    check(0 <= cfg.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", f"must be 0-3, got {cfg.deepspeed.zero_stage}")
+    check(cfg.deepspeed.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps", "must be >= 1")
+    check(cfg.ray.num_workers >= 1, "ray.num_workers", "must be >= 1")
+    check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+    check(cfg.ray.max_failures >= 0, "ray.max_failures", "must be >= 0")
+    check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the newest is always kept)")
+    check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    check(not (cfg.optim.ema_decay and cfg.deepspeed.zero_stage == 3), "optim.ema_decay",
+          "weight EMA needs full parameters on every rank: use deepspeed.zero_stage <= 2")
+    if cfg.data.global_batch_size is not None:
+        per_step = cfg.data.batch_size_per_rank * cfg.deepspeed.gradient_accumulation_steps * cfg.ray.num_workers
+        check(cfg.data.global_batch_size == per_step, "data.global_batch_size",
+              f"DeepSpeed needs global batch = batch_size_per_rank x gradient_accumulation_steps x "
+              f"ray.num_workers = {cfg.data.batch_size_per_rank} x {cfg.deepspeed.gradient_accumulation_steps}"
+              f" x {cfg.ray.num_workers} = {per_step}, got {cfg.data.global_batch_size}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(text, "override must look like section.key=value", "--set")
+    path, raw_value = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(path, "override key must be section.key", "--set")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return parts, value
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML file, apply `--set` overrides, validate. Raises ConfigError naming key and file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError("<file>", f"cannot read config: {err.strerror}", source) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<yaml>"
+        raise ConfigError(where, f"invalid YAML: {getattr(err, 'problem', err)}", source) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", "expected a mapping of sections", source)
+    for override in overrides:
+        (section, key), value = parse_override(override)
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}.{key}", f"unknown section (valid: {', '.join(SECTIONS)})", "--set")
+        current = raw.setdefault(section, {}) or {}
+        raw[section] = {**current, key: value}
+    return Config.from_dict(raw, source)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists so the YAML is readable by safe_load and by people."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

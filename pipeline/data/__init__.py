@@ -1,0 +1,1 @@
+"""Data path: shard discovery, per-rank readers, transforms."""

@@ -1,0 +1,72 @@
+"""Labelled image samples (image + cls): decode, timm transforms, loaders."""
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image
+from timm.data import create_transform
+from torch.utils.data import DataLoader
+
+from pipeline.data.reader import ShardStream, SkipSample, collate
+from pipeline.data.shards import Shard
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_image(raw: dict) -> Image.Image:
+    key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if key is None:
+        raise SkipSample("no image")
+    try:
+        image = Image.open(io.BytesIO(raw[key]))
+        image.load()
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise SkipSample(f"corrupt image ({type(err).__name__})") from None
+    return image.convert("RGB")
+
+
+class DecodeLabelled:
+    """Picklable decode function (DataLoader workers may be spawned)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, raw: dict) -> tuple[torch.Tensor, int]:
+        if "cls" not in raw:
+            raise SkipSample("no label")
+        try:
+            label = int(raw["cls"].decode().strip())
+        except ValueError:
+            raise SkipSample("bad label") from None
+        return self.transform(decode_image(raw)), label
+
+
+def train_transform(data_cfg):
+    return create_transform(
+        input_size=data_cfg.image_size_px, is_training=True, scale=(data_cfg.rrc_scale_min, 1.0),
+        hflip=data_cfg.hflip_prob, color_jitter=data_cfg.color_jitter, auto_augment=data_cfg.randaugment,
+        interpolation="bilinear", mean=data_cfg.mean, std=data_cfg.std,
+    )
+
+
+def eval_transform(data_cfg):
+    return create_transform(
+        input_size=data_cfg.val_image_size_px or data_cfg.image_size_px, is_training=False,
+        crop_pct=data_cfg.val_crop_pct, interpolation="bilinear", mean=data_cfg.mean, std=data_cfg.std,
+    )
+
+
+def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, seed: int, training: bool,
+                    batch_size: int, start_epoch: int = 0, generator: torch.Generator | None = None) -> DataLoader:
+    transform = train_transform(data_cfg) if training else eval_transform(data_cfg)
+    stream = ShardStream(
+        shards, rank, world_size, DecodeLabelled(transform), seed=seed, shuffle=training,
+        shuffle_buffer=data_cfg.shuffle_buffer, endless=training, start_epoch=start_epoch,
+    )
+    workers = data_cfg.num_workers_per_rank
+    return DataLoader(
+        stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+        generator=generator,  # seeds the workers' augmentation RNG reproducibly
+    )

@@ -1,0 +1,50 @@
+"""DeepSpeed engine from the typed config: the DeepSpeed JSON is generated, never hand-written, so a
+batch size lives in one place (data.batch_size_per_rank)."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    # bf16 with BatchNorm fails on CPU (ENVIRONMENT.md); autocast bf16 is the fast path on GPU.
+    if precision == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return precision
+
+
+def deepspeed_config(ds_cfg, optim_cfg, batch_size_per_rank: int, on_gpu: bool) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": batch_size_per_rank,
+        "gradient_accumulation_steps": ds_cfg.gradient_accumulation_steps,
+        "zero_optimization": {"stage": ds_cfg.zero_stage},
+        # Our client optimizers (SGD, LAMB) are fine under ZeRO; DeepSpeed refuses them without this.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if optim_cfg.grad_clip_norm:
+        config["gradient_clipping"] = optim_cfg.grad_clip_norm
+    precision = resolve_precision(ds_cfg.precision, on_gpu)
+    if precision == "bf16":
+        # fp32 weights + autocast: 0.84x of plain torch on H100 vs 0.66x for DeepSpeed's bf16 weights mode
+        # (ANCHORS.md), and BatchNorm stays in fp32.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return _merge(config, ds_cfg.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine

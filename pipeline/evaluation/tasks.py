@@ -1,0 +1,141 @@
+"""The four evaluation tasks behind one signature: (resolved model, data folder, options) -> result.
+
+A result is one JSON-ready dict per (checkpoint, dataset, task) with CLIP_benchmark's keys
+(dataset, model, pretrained, task, metrics, language) plus where the numbers came from: the
+checkpoint's step and weights hash, and the dataset manifest's hash.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.evaluation import datasets
+from pipeline.evaluation.classify import evaluate_classifier
+from pipeline.evaluation.linear_probe import evaluate_linear_probe
+from pipeline.evaluation.metrics import json_safe
+from pipeline.evaluation.resolver import ResolvedModel
+from pipeline.evaluation.retrieval import evaluate_retrieval
+from pipeline.evaluation.runtime import default_device
+from pipeline.evaluation.zero_shot import DEFAULT_CLASSNAMES, DEFAULT_TEMPLATES, evaluate_zero_shot
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    split: str = "test"
+    """Split folder to score (DIR/<split>/*.tar); flat folders of shards have no split."""
+    train_split: str = "train"
+    """Split the linear probe fits on."""
+    batch_size: int = 64
+    num_workers: int = 2
+    """DataLoader worker processes (at most one per shard is used)."""
+    device: str | None = None
+    """'cpu', 'cuda', ...; None = the GPU when there is one."""
+    amp: bool = False
+    """bf16 autocast (GPU); fp32 otherwise."""
+
+
+def _device(options: EvalOptions) -> torch.device:
+    return torch.device(options.device) if options.device else default_device()
+
+
+def _require_kind(resolved: ResolvedModel, kind: str, task: str) -> None:
+    if resolved.kind != kind:
+        raise ValueError(f"eval {task}: needs a {kind} model, but {resolved.model_name} is a {resolved.kind}")
+
+
+def _labelled(data_dir: Path, split: str, resolved: ResolvedModel, options: EvalOptions):
+    shards = datasets.find_shards(data_dir, split)
+    return datasets.labelled_batches(shards, resolved.preprocess, options.batch_size, options.num_workers)
+
+
+def _zero_shot_prompts(data_dir: Path, split: str) -> tuple[list, list, dict]:
+    """Class names and templates: the dataset's own files, else ImageNet's and OpenAI's 80 prompts."""
+    classnames = datasets.read_classnames(data_dir, split)
+    templates = datasets.read_templates(data_dir)
+    sources = {"classnames": "dataset" if classnames else "imagenet",
+               "templates": "dataset" if templates else "openai_imagenet"}
+    classnames = classnames or list(DEFAULT_CLASSNAMES["imagenet"])
+    templates = templates or list(DEFAULT_TEMPLATES["openai_imagenet"])
+    return classnames, templates, {**sources, "num_classes": len(classnames), "num_templates": len(templates)}
+
+
+def run_zeroshot(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
+    _require_kind(resolved, "clip", "zeroshot")
+    classnames, templates, prompt_info = _zero_shot_prompts(data_dir, options.split)
+    batches = _labelled(data_dir, options.split, resolved, options)
+    metrics = evaluate_zero_shot(resolved.model.to(_device(options)), resolved.tokenizer, batches, classnames,
+                                 templates, _device(options), datasets.count_samples(data_dir, options.split),
+                                 options.amp)
+    return {**metrics, **prompt_info}
+
+
+def run_retrieval(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
+    _require_kind(resolved, "clip", "retrieval")
+    shards = datasets.find_shards(data_dir, options.split)
+    batches = datasets.captioned_batches(shards, resolved.preprocess, options.batch_size, options.num_workers)
+    return evaluate_retrieval(resolved.model.to(_device(options)), resolved.tokenizer, batches, _device(options),
+                              total=datasets.count_samples(data_dir, options.split), amp=options.amp)
+
+
+def run_linear_probe(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
+    for split in (options.train_split, options.split):
+        if not datasets.has_split(data_dir, split):
+            raise ValueError(f"eval linear-probe: {data_dir} needs {split}/*.tar (train and test split folders)")
+    train = _labelled(data_dir, options.train_split, resolved, options)
+    test = _labelled(data_dir, options.split, resolved, options)
+    return evaluate_linear_probe(resolved.model.to(_device(options)), resolved.kind, train, test,
+                                 _device(options), amp=options.amp)
+
+
+def run_classify(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
+    _require_kind(resolved, "classifier", "classify")
+    batches = _labelled(data_dir, options.split, resolved, options)
+    return evaluate_classifier(resolved.model.to(_device(options)), batches, _device(options),
+                               datasets.count_samples(data_dir, options.split), options.amp)
+
+
+@dataclass(frozen=True)
+class Task:
+    benchmark_name: str
+    """The `task` value CLIP_benchmark writes for the same evaluation."""
+    run: Callable[[ResolvedModel, Path, EvalOptions], dict]
+
+
+TASKS: dict[str, Task] = {
+    "zeroshot": Task("zeroshot_classification", run_zeroshot),
+    "retrieval": Task("zeroshot_retrieval", run_retrieval),
+    "linear-probe": Task("linear_probe", run_linear_probe),
+    "classify": Task("classification", run_classify),
+}
+
+
+def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
+    """Run one task and return its result record."""
+    if task not in TASKS:
+        raise ValueError(f"unknown evaluation task {task!r} (valid: {', '.join(TASKS)})")
+    data_dir = Path(data_dir)
+    metrics = TASKS[task].run(resolved, data_dir, options)
+    return {
+        "dataset": data_dir.resolve().name,
+        "model": resolved.model_name,
+        "pretrained": str(resolved.path),
+        "task": TASKS[task].benchmark_name,
+        "metrics": {k: json_safe(v) if isinstance(v, float) else v for k, v in metrics.items()},
+        "language": "en",
+        "checkpoint_source": resolved.source,
+        "checkpoint_step": resolved.step,
+        "checkpoint_sha256": resolved.content_sha256,
+        "dataset_path": str(data_dir),
+        "split": options.split,
+        "manifest_sha256": datasets.manifest_sha256(data_dir, options.split),
+    }
+
+
+def write_result(result: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")

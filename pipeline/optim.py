@@ -1,0 +1,48 @@
+"""Optimizers and learning-rate schedules from typed config sections (no DeepSpeed here)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.optim import Lamb
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
+    """Weight decay on weights only: norms, biases (any 1-D parameter) and named extras are exempt."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim <= 1 or name.endswith(".bias") or any(n in name.split(".") for n in no_decay_names)
+        (no_decay if exempt else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], optim_cfg) -> torch.optim.Optimizer:
+    if optim_cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps)
+    if optim_cfg.name == "lamb":
+        return Lamb(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps)
+    raise ValueError(f"optim.name: unknown optimizer {optim_cfg.name!r} (valid: sgd, adamw, lamb)")
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule_cfg, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine or step."""
+    if warmup_steps > 0 and step < warmup_steps:
+        start = schedule_cfg.warmup_lr_ratio
+        return start + (1.0 - start) * step / warmup_steps
+    if schedule_cfg.kind == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        floor = schedule_cfg.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    epoch = step / max(1, steps_per_epoch)
+    return schedule_cfg.step_gamma ** sum(epoch >= e for e in schedule_cfg.step_epochs)
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_steps: int, schedule_cfg, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, schedule_cfg, steps_per_epoch)
+    )

@@ -1,0 +1,1 @@
+"""Tasks: model + batch -> (loss, metrics)."""

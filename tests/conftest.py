@@ -1,0 +1,22 @@
+"""Shared fixtures: one local Ray cluster for the whole session, kept on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Must be set before Ray is imported anywhere: single-machine Ray binds to loopback only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster shared by every test that needs one (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    yield ray
+    ray.shutdown()
