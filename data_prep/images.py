@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +14,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 RESIZE_MODES = ("shorter", "center-crop", "none")
 # Formats kept byte-for-byte when nothing about the pixels has to change (resize mode "none").
 _PASSTHROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-# Decompression bombs are rejected rows, not warnings that scroll past.
-warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class RowRejected(Exception):
@@ -75,14 +72,21 @@ def process_image(raw: bytes, options: ImageOptions) -> EncodedImage:
         raise RowRejected("empty_file")
     image = _open(raw)
     source_format = image.format
+    if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+        # Pillow only warns up to twice this size; a decompression bomb is a rejected row.
+        raise RowRejected("image_too_large", f"{image.width}x{image.height}")
+    orientation = _orientation(image)
+    width, height = image.size  # read before draft mode shrinks what gets decoded
+    if orientation in (5, 6, 7, 8):  # these EXIF orientations swap the stored axes
+        width, height = height, width
+    if min(width, height) < options.min_image_size:
+        raise RowRejected("too_small", f"{width}x{height}")
     if options.resize_mode != "none" and source_format == "JPEG":
         # Decode at a reduced scale straight from the DCT: the largest speed-up for big JPEGs.
         image.draft("RGB", _scaled_size(image.size, options.image_size))
-    image = _load_oriented(image)
-    width, height = image.size
-    if min(width, height) < options.min_image_size:
-        raise RowRejected("too_small", f"{width}x{height}")
-    if options.resize_mode == "none" and _can_pass_through(image, source_format):
+    image = _load_oriented(image, orientation)
+    if (options.resize_mode == "none" and orientation == 1 and image.mode == "RGB"
+            and source_format in _PASSTHROUGH_FORMATS):
         return EncodedImage(raw, _PASSTHROUGH_FORMATS[source_format], width, height, width, height)
     rgb = to_rgb(image)
     resized = resize(rgb, options.image_size, options.resize_mode)
@@ -95,25 +99,26 @@ def _open(raw: bytes) -> Image.Image:
         return Image.open(io.BytesIO(raw))
     except UnidentifiedImageError:
         raise RowRejected("not_an_image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise RowRejected("image_too_large", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad row
         raise RowRejected("corrupt_image", f"{type(exc).__name__}: {exc}") from None
 
 
-def _load_oriented(image: Image.Image) -> Image.Image:
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: treat as upright, pixels may still decode
+        return 1
+
+
+def _load_oriented(image: Image.Image, orientation: int) -> Image.Image:
     try:
         image.load()
-        # EXIF orientation: phones store rotated pixels plus a tag; training wants upright ones.
-        return ImageOps.exif_transpose(image)
+        # Phones store rotated pixels plus an EXIF tag; training wants upright pixels.
+        return ImageOps.exif_transpose(image) if orientation != 1 else image
     except Exception as exc:  # noqa: BLE001 - truncated data, bad EXIF, decoder errors
         raise RowRejected("corrupt_image", f"{type(exc).__name__}: {exc}") from None
-
-
-def _can_pass_through(image: Image.Image, source_format: str | None) -> bool:
-    # exif_transpose returns a new image (no .format) only when it rotated something.
-    return (source_format in _PASSTHROUGH_FORMATS and image.format == source_format
-            and image.mode == "RGB")
 
 
 def _scaled_size(size: tuple[int, int], shorter_px: int) -> tuple[int, int]:

@@ -194,8 +194,6 @@ def _finalize(out_dir: Path, spec: RowSpec, tasks: list[PartitionTask], sources:
     manifest["num_input_rows"] = sum(t.rows.num_rows for t in tasks) + sum(extra_rejected.values()) + unreadable
     manifest["stats_files"] = [stats_path(out_dir, t.shard_index).name for t in tasks]
     manifest.update(manifest_extra)
-    if spec.kind == "image_text":
-        manifest.pop("num_classes", None)
     write_dataset_metadata(out_dir, manifest, split=split, dataset_name=dataset_name)
     return manifest
 

@@ -61,8 +61,6 @@ def read_table(path: Path) -> LoadedTable:
         if kind == "jsonl":
             return _read_jsonl(path)
         return _read_delimited(path, "\t" if kind == "tsv" else ",")
-    except ValueError:
-        raise
     except (OSError, pa.ArrowException, EOFError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: unreadable {kind} table ({exc})") from None
 

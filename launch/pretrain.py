@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_on_ray(cfg: Config, address: str | None) -> dict | None:
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.trainer import train_loop_per_worker
@@ -58,7 +58,9 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
             ray.init(address=address)
         else:
             needed_cpus = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999)
-            ray.init(num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=False)
+            # The dashboard serves Ray's state API, which Ray Train polls; on loopback only.
+            ray.init(num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=True,
+                     dashboard_host="127.0.0.1")
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -71,6 +73,9 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
             name="ray_train",
             storage_path=cfg.ray.storage_path or str(cfg.run_dir),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # one line per report is noise
+            # Ray Train's print patch sends each print to its logger and stdout: lines appear twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     try:

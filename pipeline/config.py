@@ -320,6 +320,9 @@ def validate(cfg: Config) -> None:
     check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     check(cfg.data.mixup_alpha >= 0, "data.mixup_alpha", "must be >= 0")
     check(cfg.data.cutmix_alpha >= 0, "data.cutmix_alpha", "must be >= 0")
+    mixing = cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0
+    check(not mixing or cfg.data.batch_size_per_rank % 2 == 0, "data.batch_size_per_rank",
+          "mixup/cutmix pair samples within a batch: use an even batch size")
     check(cfg.data.num_classes is None or cfg.data.num_classes >= 2, "data.num_classes", "must be >= 2")
     check(bool(cfg.data.train) or cfg.data.sample_corpus is not None, "data.train", "is required")
     check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values")

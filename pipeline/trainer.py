@@ -181,6 +181,9 @@ class _Loop:
         task = ClassifyTask(cfg.optim, cfg.data, num_classes)
         window = _Window(self.device)
         final: dict = {}
+        if start_step >= plan.total_steps:
+            # Relaunching a finished run: nothing to train; report where it stands.
+            return {"step": start_step, **self.validate()}
         self.engine.train()
         for step in range(start_step + 1, plan.total_steps + 1):
             for _ in range(cfg.deepspeed.gradient_accumulation_steps):

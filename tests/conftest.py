@@ -17,6 +17,16 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    """The digits sample corpus, written once per test session (a few seconds)."""
+    from data_prep.samples.digits import write_digits_corpus
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_corpus(root)
+    return root

@@ -260,3 +260,19 @@ def test_task_needs_the_right_model_kind(tmp_path):
         evaluate("zeroshot", resolve(str(tmp_path / "r.pth"), "test_resnet"), data, OPTIONS)
     with pytest.raises(ValueError, match="no .tar shards"):
         datasets.find_shards(tmp_path, "test")
+
+
+def test_classifier_equals_open_clip_builder_with_callable_templates(clip_weights):
+    from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
+
+    from pipeline.evaluation.zero_shot import build_classifier, render_prompts
+
+    name, weights = clip_weights
+    resolved = resolve(str(weights), name)
+    templates = OPENAI_IMAGENET_TEMPLATES[:7]
+    assert render_prompts("goldfish", templates)[0] == templates[0]("goldfish")
+    assert render_prompts("goldfish", ["a {c}."]) == ["a goldfish."]
+    ours = build_classifier(resolved.model, resolved.tokenizer, CLASSNAMES, templates, torch.device("cpu"),
+                            prompts_per_forward=20)  # 2 classes per forward: batching must not matter
+    theirs = build_zero_shot_classifier(resolved.model, resolved.tokenizer, CLASSNAMES, templates)
+    assert ours.shape == (32, len(CLASSNAMES)) and torch.allclose(ours, theirs, atol=1e-5)

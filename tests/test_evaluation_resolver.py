@@ -2,8 +2,8 @@
 fail with a one-line ValueError."""
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
 
 import pytest
 import timm
@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import Config
 from pipeline.evaluation.resolver import library_for, resolve, state_dict_sha256
-from test_evaluation_helpers import register_tiny_clip, tiny_clip, write_our_checkpoint
+from test_evaluation_helpers import TINY_CLIP_CONFIG, register_tiny_clip, tiny_clip, write_our_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +48,21 @@ def test_timm_checkpoint_gets_its_head_size(tmp_path):
 
 def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     path = tmp_path / "evil.pt"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload()}, path)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": _Payload(f"touch {marker}")}, path)
     with pytest.raises(ValueError, match="evil.pt"):
         resolve(str(path), "test_resnet")
     assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
 
 
 def _classifier_config() -> dict:
@@ -112,6 +117,6 @@ def test_library_lookup(tmp_path, clip_name):
     assert library_for("ViT-B-32") == ("open_clip", "ViT-B-32")
     assert library_for("resnet50") == ("timm", "resnet50")
     assert library_for("timm:vit_tiny_patch16_224") == ("timm", "vit_tiny_patch16_224")
-    config = Path(tmp_path / "my-arch.json")
-    config.write_text((Path(tmp_path).parent / "x").name and "{}")
+    config = tmp_path / "my-arch.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
     assert library_for(str(config)) == ("open_clip", "my-arch")

@@ -18,8 +18,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.evaluation.resolver import (META_CONFIG, META_LIBRARY, META_MODEL, META_STEP, ResolvedModel,
-                                          state_dict_sha256)
+from pipeline.evaluation.resolver import (META_CONFIG, META_LIBRARY, META_MODEL, META_RUN_CONFIG, META_STEP,
+                                          ResolvedModel, state_dict_sha256)
 
 _OPEN_CLIP_BUILTIN_CONFIGS = Path(open_clip.__file__).parent / "model_configs"
 
@@ -44,6 +44,8 @@ def _metadata(resolved: ResolvedModel, state: dict[str, torch.Tensor]) -> dict[s
             "resclip.content_sha256": state_dict_sha256(state)}
     if resolved.model_config is not None:
         meta[META_CONFIG] = json.dumps(resolved.model_config)
+    if resolved.run_config is not None:
+        meta[META_RUN_CONFIG] = json.dumps(resolved.run_config)
     if resolved.step is not None:
         meta[META_STEP] = str(resolved.step)
     return meta

@@ -30,7 +30,9 @@ from pipeline.checkpoint import load_weights_file
 
 Transform = Callable
 # safetensors metadata keys our exports write (see pipeline.evaluation.export).
-META_LIBRARY, META_MODEL, META_CONFIG, META_STEP = "resclip.library", "resclip.model", "resclip.model_config", "resclip.step"
+META_LIBRARY, META_MODEL, META_STEP = "resclip.library", "resclip.model", "resclip.step"
+META_CONFIG = "resclip.model_config"  # open_clip architecture config
+META_RUN_CONFIG = "resclip.run_config"  # our checkpoint's full config: rebuilds our own architectures
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -56,6 +58,8 @@ class ResolvedModel:
     path: Path
     model_config: dict | None = None
     """open_clip model config (architecture), written beside open_clip exports."""
+    run_config: dict | None = None
+    """Our checkpoint's resolved config (pipeline.config), carried into safetensors exports."""
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -181,6 +185,7 @@ _LIBRARIES: dict[str, Callable[[str, dict, str], dict]] = {"open_clip": _open_cl
 
 
 def _ours_classifier(cfg, state: dict[str, torch.Tensor]) -> dict:
+    from pipeline.data.labelled import eval_transform
     from pipeline.models import build_model
 
     # The init file of a fine-tuning run may be gone by now; the checkpoint holds every weight anyway.
@@ -188,11 +193,8 @@ def _ours_classifier(cfg, state: dict[str, torch.Tensor]) -> dict:
     model = build_model(model_cfg, num_classes=cfg.data.num_classes or 2)
     _fit_head(model, state)
     _load_strict(model, state, "checkpoint", cfg.model.name)
-    size = cfg.data.val_image_size_px or cfg.data.image_size_px
-    # TODO(data): switch to pipeline.data's validation transform once it exists, so eval preprocessing
-    # is the training run's validation preprocessing by construction rather than by mirroring it here.
-    preprocess = create_transform(input_size=size, is_training=False, crop_pct=cfg.data.val_crop_pct,
-                                  mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+    # The training run's own validation transform: eval sees images exactly as validation did.
+    preprocess = eval_transform(cfg.data)
     return {"model": model, "kind": "classifier", "library": "timm", "preprocess": preprocess, "tokenizer": None}
 
 
@@ -210,18 +212,24 @@ def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _resolve_checkpoint_dir(ckpt_dir: Path, source: str) -> ResolvedModel:
-    from pipeline.checkpoint import load_consolidated
+def _build_ours(raw_config: dict, state: dict[str, torch.Tensor], where: Path) -> dict:
     from pipeline.config import Config
 
-    state, meta = load_consolidated(ckpt_dir)
-    cfg = Config.from_dict(meta["config"], source=str(ckpt_dir / "meta.json"))
+    cfg = Config.from_dict(raw_config, source=str(where))
     if cfg.model.kind not in _OUR_KINDS:
-        raise ValueError(f"{ckpt_dir}: model kind {cfg.model.kind!r} cannot be evaluated "
+        raise ValueError(f"{where}: model kind {cfg.model.kind!r} cannot be evaluated "
                          f"(valid: {', '.join(_OUR_KINDS)})")
     built = _OUR_KINDS[cfg.model.kind](cfg, _strip_module_prefix(state))
     built.setdefault("model_config", None)
-    return _finish(built, cfg.model.name, meta.get("step"), source, ckpt_dir)
+    return {**built, "run_config": raw_config, "name": cfg.model.name}
+
+
+def _resolve_checkpoint_dir(ckpt_dir: Path, source: str) -> ResolvedModel:
+    from pipeline.checkpoint import load_consolidated
+
+    state, meta = load_consolidated(ckpt_dir)
+    built = _build_ours(meta["config"], state, ckpt_dir / "meta.json")
+    return _finish(built, built.pop("name"), meta.get("step"), source, ckpt_dir)
 
 
 def _finish(built: dict, name: str, step: int | None, source: str, path: Path) -> ResolvedModel:
@@ -244,6 +252,10 @@ def _export_metadata(path: Path) -> dict[str, str]:
 
 def _resolve_file(path: Path, model_name: str | None) -> ResolvedModel:
     meta = _export_metadata(path)
+    if model_name is None and META_RUN_CONFIG in meta:
+        built = _build_ours(json.loads(meta[META_RUN_CONFIG]), load_weights_file(path), path)
+        step = int(meta[META_STEP]) if meta.get(META_STEP) else None
+        return _finish(built, built.pop("name"), step, "export", path)
     if model_name is None and META_LIBRARY in meta:
         library, name = meta[META_LIBRARY], meta[META_MODEL]
         if library == "open_clip" and meta.get(META_CONFIG) and name not in open_clip.list_models():

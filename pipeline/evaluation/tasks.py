@@ -42,11 +42,6 @@ def _device(options: EvalOptions) -> torch.device:
     return torch.device(options.device) if options.device else default_device()
 
 
-def _require_kind(resolved: ResolvedModel, kind: str, task: str) -> None:
-    if resolved.kind != kind:
-        raise ValueError(f"eval {task}: needs a {kind} model, but {resolved.model_name} is a {resolved.kind}")
-
-
 def _labelled(data_dir: Path, split: str, resolved: ResolvedModel, options: EvalOptions):
     shards = datasets.find_shards(data_dir, split)
     return datasets.labelled_batches(shards, resolved.preprocess, options.batch_size, options.num_workers)
@@ -64,7 +59,6 @@ def _zero_shot_prompts(data_dir: Path, split: str) -> tuple[list, list, dict]:
 
 
 def run_zeroshot(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
-    _require_kind(resolved, "clip", "zeroshot")
     classnames, templates, prompt_info = _zero_shot_prompts(data_dir, options.split)
     batches = _labelled(data_dir, options.split, resolved, options)
     metrics = evaluate_zero_shot(resolved.model.to(_device(options)), resolved.tokenizer, batches, classnames,
@@ -74,7 +68,6 @@ def run_zeroshot(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) 
 
 
 def run_retrieval(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
-    _require_kind(resolved, "clip", "retrieval")
     shards = datasets.find_shards(data_dir, options.split)
     batches = datasets.captioned_batches(shards, resolved.preprocess, options.batch_size, options.num_workers)
     return evaluate_retrieval(resolved.model.to(_device(options)), resolved.tokenizer, batches, _device(options),
@@ -92,7 +85,6 @@ def run_linear_probe(resolved: ResolvedModel, data_dir: Path, options: EvalOptio
 
 
 def run_classify(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
-    _require_kind(resolved, "classifier", "classify")
     batches = _labelled(data_dir, options.split, resolved, options)
     return evaluate_classifier(resolved.model.to(_device(options)), batches, _device(options),
                                datasets.count_samples(data_dir, options.split), options.amp)
@@ -103,20 +95,32 @@ class Task:
     benchmark_name: str
     """The `task` value CLIP_benchmark writes for the same evaluation."""
     run: Callable[[ResolvedModel, Path, EvalOptions], dict]
+    kinds: tuple[str, ...]
+    """Model kinds the task can score."""
+    headline_metric: str
+    """The metric summary tables show."""
 
 
 TASKS: dict[str, Task] = {
-    "zeroshot": Task("zeroshot_classification", run_zeroshot),
-    "retrieval": Task("zeroshot_retrieval", run_retrieval),
-    "linear-probe": Task("linear_probe", run_linear_probe),
-    "classify": Task("classification", run_classify),
+    "zeroshot": Task("zeroshot_classification", run_zeroshot, ("clip",), "acc1"),
+    "retrieval": Task("zeroshot_retrieval", run_retrieval, ("clip",), "image_retrieval_recall@5"),
+    # Any image features can be probed: CLIP embeddings or a classifier's pre-logits.
+    "linear-probe": Task("linear_probe", run_linear_probe, ("clip", "classifier"), "acc1"),
+    "classify": Task("classification", run_classify, ("classifier",), "acc1"),
 }
+
+
+def can_run(task: str, resolved: ResolvedModel) -> bool:
+    return resolved.kind in TASKS[task].kinds
 
 
 def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
     """Run one task and return its result record."""
     if task not in TASKS:
         raise ValueError(f"unknown evaluation task {task!r} (valid: {', '.join(TASKS)})")
+    if not can_run(task, resolved):
+        raise ValueError(f"eval {task}: needs a {' or '.join(TASKS[task].kinds)} model, "
+                         f"but {resolved.model_name} is a {resolved.kind}")
     data_dir = Path(data_dir)
     metrics = TASKS[task].run(resolved, data_dir, options)
     return {
@@ -130,7 +134,7 @@ def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOp
         "checkpoint_step": resolved.step,
         "checkpoint_sha256": resolved.content_sha256,
         "dataset_path": str(data_dir),
-        "split": options.split,
+        "split": options.split if datasets.has_split(data_dir, options.split) else None,  # None: flat folder
         "manifest_sha256": datasets.manifest_sha256(data_dir, options.split),
     }
 

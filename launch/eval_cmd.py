@@ -1,0 +1,116 @@
+"""`launch eval TASK --checkpoint REF --data DIR`: one evaluation, one JSON result.
+
+    launch eval zeroshot     --checkpoint runs/smoke_clip --data data/wds_cifar10
+    launch eval retrieval    --checkpoint ViT-B-32.safetensors --model ViT-B-32 --data data/wds_flickr8k
+    launch eval linear-probe --checkpoint runs/smoke_clip --data data/wds_cifar10   (needs train/ and test/)
+    launch eval classify     --checkpoint runs/smoke_resnet --data data/digits/val
+    launch eval --config eval_plan.yaml    (checkpoints x datasets x tasks; see pipeline.evaluation.plan)
+
+The result (CLIP_benchmark's keys plus checkpoint step/hash and manifest hash) goes to stdout and,
+with --output, to a file. No training math here: pipeline.evaluation does the work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.evaluation.plan import load_plan, run_plan, summary_table
+from pipeline.evaluation.resolver import resolve
+from pipeline.evaluation.tasks import TASKS, EvalOptions, evaluate, write_result
+
+_TASK_HELP = {
+    "zeroshot": "zero-shot classification from class names x templates (acc1, acc5, mean per-class recall)",
+    "retrieval": "image<->text recall@1/5/10 with several captions per image",
+    "linear-probe": "logistic regression on frozen image features (DIR/train and DIR/test)",
+    "classify": "top-1 / top-5 of a classifier on labelled shards",
+}
+
+
+def _add_task_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="REF",
+                        help="run dir, checkpoint dir, exported .safetensors, or open_clip/timm weights file")
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="evaluation set: DIR/<split>/*.tar (CLIP_benchmark wds layout) or DIR/*.tar")
+    parser.add_argument("--model", metavar="NAME",
+                        help="architecture of a weights file: open_clip or timm name, open_clip:NAME, "
+                             "timm:NAME, or an open_clip NAME.json config")
+    parser.add_argument("--output", metavar="FILE.json", help="also write the result here")
+    parser.add_argument("--split", default="test", help="split folder to score (default: test)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval` and its task subcommands on the launcher's subparsers."""
+    parser = subparsers.add_parser("eval", help="evaluate a checkpoint (zeroshot, retrieval, linear-probe, "
+                                                "classify)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML plan: many checkpoints x datasets x tasks, then a summary table")
+    tasks = parser.add_subparsers(dest="eval_task", metavar="TASK")
+    for name in TASKS:
+        task_parser = tasks.add_parser(name, help=_TASK_HELP[name], description=_TASK_HELP[name])
+        _add_task_args(task_parser)
+        task_parser.set_defaults(func=run, eval_task=name)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _options(args: argparse.Namespace) -> EvalOptions:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    return EvalOptions(split=args.split, batch_size=args.batch_size, num_workers=args.workers,
+                       device=args.device, amp=args.amp)
+
+
+def run(args: argparse.Namespace) -> int:
+    task = getattr(args, "eval_task", None)
+    if task is None:
+        if not getattr(args, "config", None):
+            raise ValueError(f"eval: give a TASK ({', '.join(TASKS)}) or --config FILE")
+        return _run_plan(Path(args.config))
+    options = _options(args)
+    if not Path(args.data).is_dir():
+        raise ValueError(f"--data {args.data}: no such folder")
+    resolved = resolve(args.checkpoint, args.model)
+    result = evaluate(args.eval_task, resolved, Path(args.data), options)
+    if args.output:
+        write_result(result, Path(args.output))
+    print(json.dumps(result, indent=2, allow_nan=False))
+    return 0
+
+
+def _run_plan(path: Path) -> int:
+    plan = load_plan(path)
+    rows = []
+    for row in run_plan(plan):
+        rows.append(row)
+        print(f"[eval] {row['checkpoint']} {row['dataset']} {row['task']}: "
+              f"{row['value'] if row['skipped'] is None else row['skipped']}", file=sys.stderr)
+    table = summary_table(rows)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    (plan.output_dir / "summary.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launch.eval_cmd TASK ...` without the full launcher."""
+    parser = argparse.ArgumentParser(prog="launch")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

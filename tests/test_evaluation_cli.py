@@ -1,0 +1,105 @@
+"""`launch eval` / `launch export` wiring: the subcommands parse, run, write JSON, and turn user
+mistakes into one-line ValueErrors (the launcher prints them without a traceback)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from launch import eval_cmd, export_cmd
+from test_evaluation_helpers import labelled_samples, random_images, register_tiny_clip, tiny_clip, write_shards
+
+
+@pytest.fixture(scope="module")
+def launcher() -> argparse.ArgumentParser:
+    # What launch/cli.py does: one parser, each command module registers itself.
+    parser = argparse.ArgumentParser(prog="launch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    eval_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    name = register_tiny_clip(folder / "configs")
+    torch.save(tiny_clip(seed=2).state_dict(), folder / "tiny.pt")
+    data = folder / "wds_toy"
+    write_shards(data / "test", labelled_samples(random_images(6, seed=0), [0, 1, 2, 0, 1, 2]), per_shard=3)
+    (data / "classnames.txt").write_text("red\ngreen\nblue\n")
+    (data / "zeroshot_classification_templates.txt").write_text("a {c} image.\n")
+    return name, folder / "tiny.pt", data
+
+
+def test_eval_zeroshot_writes_result(launcher, setup, tmp_path, capsys):
+    name, weights, data = setup
+    out = tmp_path / "results" / "zs.json"
+    args = launcher.parse_args(["eval", "zeroshot", "--checkpoint", str(weights), "--model", name,
+                                "--data", str(data), "--output", str(out), "--workers", "0", "--device", "cpu"])
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "zeroshot_classification" and result["metrics"]["num_samples"] == 6
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_export_command(launcher, setup, tmp_path, capsys):
+    name, weights, _ = setup
+    args = launcher.parse_args(["export", "--checkpoint", str(weights), "--model", name, "--format", "safetensors",
+                                "--output", str(tmp_path / "m.safetensors")])
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["files"] == [str(tmp_path / "m.safetensors")] and printed["library"] == "open_clip"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--data", "/no/such/dir"], "no such folder"),
+])
+def test_user_errors_are_value_errors(launcher, setup, extra, message):
+    name, weights, data = setup
+    argv = ["eval", "classify", "--checkpoint", str(weights), "--model", name, "--data", str(data), *extra]
+    args = launcher.parse_args(argv)
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+
+
+def test_standalone_main_prints_one_line(setup, capsys):
+    name, weights, data = setup
+    assert eval_cmd.main(["classify", "--checkpoint", str(weights), "--model", name, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: eval classify: needs a classifier model") and err.count("\n") == 1
+
+
+def test_eval_config_runs_a_plan(launcher, setup, tmp_path, capsys):
+    name, weights, data = setup
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+output_dir: {tmp_path / 'results'}
+workers: 0
+device: cpu
+checkpoints:
+  - {{ref: {weights}, model: {name}}}
+datasets:
+  - {{path: {data}, tasks: [zeroshot, classify]}}
+""")
+    args = launcher.parse_args(["eval", "--config", str(plan)])
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    assert "| zeroshot | acc1 | 0." in table and "skipped: needs a classifier model" in table
+    (written,) = (tmp_path / "results").glob("*.json")
+    assert written.name.startswith("wds_toy__zeroshot_classification__tiny-eval-vit_")
+    assert (tmp_path / "results" / "summary.md").read_text().strip() == table.strip()
+
+
+def test_eval_plan_errors_name_the_key(launcher, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("output_dir: x\ncheckpoints: [a]\ndatasets: [{path: d, tasks: [zeroshoot]}]\n")
+    args = launcher.parse_args(["eval", "--config", str(plan)])
+    with pytest.raises(ValueError, match=r"plan.yaml: datasets\[0\].tasks: unknown task 'zeroshoot'"):
+        args.func(args)
+    with pytest.raises(ValueError, match="give a TASK"):
+        args = launcher.parse_args(["eval"])
+        args.func(args)
