@@ -55,7 +55,8 @@ def absolute_paths(cfg: Config) -> Config:
 
 def preflight(cfg: Config, source: str) -> None:
     """Shards exist and are enough for the ranks, classes are known, the batch arithmetic works."""
-    from pipeline.trainer import make_plan, num_classes_of
+    from pipeline.tasks import task_class
+    from pipeline.trainer import make_plan
 
     try:
         shards = resolve_shards(cfg.data.train)
@@ -67,9 +68,9 @@ def preflight(cfg: Config, source: str) -> None:
         except ValueError as err:
             raise ConfigError("data.val", str(err), source) from None
     try:
-        num_classes_of(cfg)
-    except ValueError as err:
-        raise ConfigError("data.num_classes", str(err).split(": ", 1)[1], source) from None
+        task_class(cfg.model.kind).check(cfg)
+    except ConfigError as err:
+        raise err.with_source(source) from None
     try:
         make_plan(cfg, sum(s.num_samples for s in shards), cfg.ray.num_workers)
     except ValueError as err:

@@ -74,14 +74,16 @@ class DataSection:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     num_classes: Optional[int] = None
     """Defaults to the training manifest's num_classes."""
+    train_weights: Optional[tuple[float, ...]] = None
+    """Sampling weight per '::'-separated training source (mixing several corpora); null = by size."""
 
 
 @dataclass(frozen=True)
 class ModelSection:
     kind: str = "classifier"
-    """Model family: 'classifier' (timm residual networks)."""
+    """Model family: 'classifier' (timm residual networks) or 'clip' (open_clip CLIP/SigLIP)."""
     name: str = "resnet50"
-    """Registered name (pipeline.models) or any timm model name."""
+    """Registered name (pipeline.models), any timm model name, or (clip) any open_clip model name."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate."""
     zero_init_last: bool = True
@@ -91,6 +93,26 @@ class ModelSection:
     grad_checkpointing: bool = False
     channels_last: bool = False
     """Feed NHWC batches (weights stay NCHW under DeepSpeed, see docs)."""
+
+
+@dataclass(frozen=True)
+class ContrastiveSection:
+    """CLIP / SigLIP options (model.kind: clip)."""
+
+    loss: str = "clip"
+    """'clip' (symmetric InfoNCE, learnable temperature) or 'siglip' (sigmoid, learnable bias)."""
+    local_loss: bool = False
+    """open_clip's local loss: each rank scores its own images against all texts (less memory)."""
+    gather_with_grad: bool = True
+    """Gather features across ranks with gradients, so the loss covers the global batch exactly."""
+    lock_image: bool = False
+    """LiT: freeze the image tower."""
+    lock_image_unlocked_groups: int = 0
+    """Leave the last N layer groups of a locked image tower trainable."""
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +198,8 @@ class EvalSection:
     at_end: bool = True
     batch_size_per_rank: Optional[int] = None
     """Defaults to data.batch_size_per_rank."""
+    zeroshot: tuple[str, ...] = ()
+    """Zero-shot sets (CLIP_benchmark webdataset layout) evaluated with the validation (CLIP models)."""
 
 
 SECTIONS: dict[str, type] = {
@@ -183,6 +207,7 @@ SECTIONS: dict[str, type] = {
     "data": DataSection,
     "model": ModelSection,
     "optim": OptimSection,
+    "contrastive": ContrastiveSection,
     "schedule": ScheduleSection,
     "deepspeed": DeepSpeedSection,
     "ray": RaySection,
@@ -197,6 +222,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    contrastive: ContrastiveSection = field(default_factory=ContrastiveSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     ray: RaySection = field(default_factory=RaySection)
@@ -288,7 +314,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 _CHOICES = {
-    "model.kind": ("classifier",),
+    "model.kind": ("classifier", "clip"),
+    "contrastive.loss": ("clip", "siglip"),
     "optim.name": ("sgd", "adamw", "lamb"),
     "optim.loss": ("ce", "bce"),
     "schedule.kind": ("cosine", "step"),
@@ -310,6 +337,11 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(key, message)
 
+    if cfg.data.train_weights is not None:
+        sources = len([p for p in cfg.data.train.split("::") if p.strip()])
+        check(len(cfg.data.train_weights) == sources, "data.train_weights",
+              f"needs one weight per '::' source ({sources}), got {len(cfg.data.train_weights)}")
+        check(all(w > 0 for w in cfg.data.train_weights), "data.train_weights", "weights must be > 0")
     check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
     check(cfg.run.log_every_steps >= 1, "run.log_every_steps", "must be >= 1")
     check(cfg.data.batch_size_per_rank >= 1, "data.batch_size_per_rank", "must be >= 1")

@@ -22,13 +22,11 @@ import torch.distributed as dist
 
 from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.data.labelled import labelled_loader
-from pipeline.data.shards import Shard, read_manifest, resolve_shards
-from pipeline.engine import deepspeed_config, initialize, resolve_precision
+from pipeline.engine import deepspeed_config, initialize
 from pipeline.metrics import MetricsLogger
-from pipeline.models import build_model
-from pipeline.optim import build_optimizer, build_scheduler, param_groups
-from pipeline.tasks.classify import ClassifyTask, cross_entropy, topk_correct
+from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.tasks import task_class
+from pipeline.tasks.base import Task, all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -54,15 +52,6 @@ def make_plan(cfg: Config, num_train_samples: int, world_size: int) -> Plan:
         total = min(total, cfg.schedule.max_steps)
     warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
     return Plan(steps_per_epoch, total, warmup, samples_per_step)
-
-
-def num_classes_of(cfg: Config) -> int:
-    if cfg.data.num_classes:
-        return cfg.data.num_classes
-    manifest = read_manifest(cfg.data.train) if os.path.isdir(cfg.data.train) else None
-    if manifest and manifest.get("num_classes"):
-        return int(manifest["num_classes"])
-    raise ValueError("data.num_classes: not set and the training manifest does not give num_classes")
 
 
 # ---------------------------------------------------------------- entry points
@@ -114,32 +103,26 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
                  report: Callable[[dict], None] | None) -> dict:
     cfg = Config.from_dict(config_dict)
     device = _setup_process(cfg, rank, local_rank)
-    run_dir = cfg.run_dir
-    train_shards = resolve_shards(cfg.data.train)
-    plan = make_plan(cfg, sum(s.num_samples for s in train_shards), world_size)
-    num_classes = num_classes_of(cfg)
+    task: Task = task_class(cfg.model.kind)(cfg, device)
+    plan = make_plan(cfg, task.num_train_samples, world_size)
 
-    model = build_model(cfg.model, num_classes)
-    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim)
+    model = task.build_model()
+    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
     scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, cfg.schedule, plan.steps_per_epoch)
-    on_gpu = device.type == "cuda"
-    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.data.batch_size_per_rank, on_gpu)
+    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.data.batch_size_per_rank, device.type == "cuda")
     engine = initialize(model, optimizer, scheduler, ds_config)
     ema = _build_ema(engine.module, cfg.optim.ema_decay)
 
     start_step = _maybe_resume(cfg, engine, ema, rank)
-    logger = MetricsLogger(run_dir, enabled=rank == 0, total_steps=plan.total_steps)
+    logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, total_steps=plan.total_steps)
     if rank == 0:
         print(f"[pretrain] {world_size} rank(s) on {device.type}, {plan.steps_per_epoch} steps/epoch, "
               f"{plan.total_steps} steps, global batch {plan.samples_per_step}, starting at step {start_step}",
               flush=True)
-    loop = _Loop(cfg, plan, engine, ema, device, rank, world_size, logger, report)
-    loader = labelled_loader(
-        train_shards, cfg.data, rank, world_size, seed=cfg.run.seed, training=True,
-        batch_size=cfg.data.batch_size_per_rank, start_epoch=start_step // plan.steps_per_epoch,
-        generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7 + start_step),
-    )
-    final = loop.run(iter(loader), start_step, num_classes)
+    loop = _Loop(cfg, plan, task, engine, ema, rank, world_size, logger, report)
+    generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7 + start_step)
+    batches = task.train_batches(rank, world_size, start_step // plan.steps_per_epoch, generator)
+    final = loop.run(batches, start_step)
     logger.close()
     return final
 
@@ -168,18 +151,14 @@ def _maybe_resume(cfg: Config, engine, ema, rank: int) -> int:
 class _Loop:
     """Holds what every step needs, so the step and its bookkeeping stay short functions."""
 
-    def __init__(self, cfg: Config, plan: Plan, engine, ema, device, rank: int, world_size: int,
+    def __init__(self, cfg: Config, plan: Plan, task: Task, engine, ema, rank: int, world_size: int,
                  logger: MetricsLogger, report):
-        self.cfg, self.plan, self.engine, self.ema, self.device = cfg, plan, engine, ema, device
+        self.cfg, self.plan, self.task, self.engine, self.ema = cfg, plan, task, engine, ema
         self.rank, self.world_size, self.logger, self.report = rank, world_size, logger, report
-        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.val_shards = resolve_shards(cfg.data.val) if cfg.data.val else []
-        self.autocast = device.type == "cuda" and resolve_precision(cfg.deepspeed.precision, True) == "bf16"
 
-    def run(self, batches, start_step: int, num_classes: int) -> dict:
+    def run(self, batches, start_step: int) -> dict:
         cfg, plan = self.cfg, self.plan
-        task = ClassifyTask(cfg.optim, cfg.data, num_classes)
-        window = _Window(self.device)
+        window = _Window(self.task.device)
         final: dict = {}
         if start_step >= plan.total_steps:
             # Relaunching a finished run: nothing to train; report where it stands.
@@ -188,14 +167,12 @@ class _Loop:
         for step in range(start_step + 1, plan.total_steps + 1):
             for _ in range(cfg.deepspeed.gradient_accumulation_steps):
                 window.data_started()
-                (images, labels), skipped = next(batches)
+                batch, skipped = next(batches)
                 window.data_done(skipped)
-                images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-                labels = labels.to(self.device, non_blocking=True)
-                loss, _ = task(self.engine, images, labels)
+                loss, num_samples = self.task.loss(self.engine, batch)
                 self.engine.backward(loss)
                 self.engine.step()
-                window.add(loss.detach(), len(labels))
+                window.add(loss.detach(), num_samples)
             if self.ema is not None:
                 self.ema.update(self.engine.module, step=step)
             final = self._after_step(step, window)
@@ -232,41 +209,15 @@ class _Loop:
             checkpoint.apply_retention(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
 
     def validate(self) -> dict:
-        if not self.val_shards:
-            return {}
         results = {f"val_{k}": v for k, v in self._evaluate(self.engine.module).items()}
         if self.ema is not None:
             results.update({f"val_ema_{k}": v for k, v in self._evaluate(self.ema.module).items()})
         self.engine.train()
         return results
 
-    @torch.no_grad()
     def _evaluate(self, module: torch.nn.Module) -> dict:
-        cfg = self.cfg
         module.eval()
-        loader = labelled_loader(self.val_shards, cfg.data, self.rank, self.world_size, seed=cfg.run.seed,
-                                 training=False, batch_size=cfg.eval.batch_size_per_rank or cfg.data.batch_size_per_rank)
-        totals = torch.zeros(4, dtype=torch.float64)  # samples, top1 hits, top5 hits, summed loss
-        for (images, labels), _ in loader:
-            images = images.to(self.device).contiguous(memory_format=self.memory_format)
-            labels = labels.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = module(images)
-            hits = topk_correct(logits, labels)
-            totals += torch.tensor([len(labels), hits[1], hits[5], float(cross_entropy(logits, labels))],
-                                   dtype=torch.float64)
-        totals = _all_reduce_sum(totals, self.device)
-        n = max(totals[0].item(), 1.0)
-        return {"top1": 100 * totals[1].item() / n, "top5": 100 * totals[2].item() / n,
-                "loss": totals[3].item() / n, "samples": int(totals[0].item())}
-
-
-def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    moved = values.to(device)
-    dist.all_reduce(moved)
-    return moved.cpu()
+        return self.task.evaluate(module, self.rank, self.world_size)
 
 
 class _Window:
@@ -299,7 +250,7 @@ class _Window:
 
     def flush(self, world_size: int) -> dict:
         elapsed = time.perf_counter() - self.started
-        loss = _all_reduce_sum(torch.stack([self.loss_sum.detach().cpu().double(),
+        loss = all_reduce_sum(torch.stack([self.loss_sum.detach().cpu().double(),
                                             torch.tensor(float(self.micro_steps), dtype=torch.float64)]),
                                self.device)
         row = {

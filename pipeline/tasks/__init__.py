@@ -1,1 +1,19 @@
-"""Tasks: model + batch -> (loss, metrics)."""
+"""Tasks: what a model family brings to the shared training loop (model, data, loss, evaluation).
+
+Registry keyed by model.kind; a module is imported only when its kind is used.
+"""
+from __future__ import annotations
+
+import importlib
+
+TASKS: dict[str, str] = {
+    "classifier": "pipeline.tasks.classify:ClassifyTask",
+    "clip": "pipeline.tasks.contrastive:ContrastiveTask",
+}
+
+
+def task_class(kind: str):
+    if kind not in TASKS:
+        raise ValueError(f"model.kind: unknown kind {kind!r} (valid: {', '.join(TASKS)})")
+    module, name = TASKS[kind].split(":")
+    return getattr(importlib.import_module(module), name)

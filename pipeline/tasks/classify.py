@@ -1,37 +1,98 @@
-"""Image classification: cross-entropy (label smoothing) or BCE (ResNet strikes back), mixup/cutmix."""
+"""Image classification: timm residual networks on labelled shards.
+
+Cross-entropy (label smoothing) or BCE (ResNet strikes back), mixup/cutmix, top-1/top-5 validation.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from pipeline.config import Config, ConfigError
+from pipeline.data.labelled import labelled_loader
+from pipeline.data.shards import read_manifest, resolve_shards
+from pipeline.models import build_classifier
+from pipeline.tasks.base import Task, all_reduce_sum
 
-class ClassifyTask:
-    def __init__(self, optim_cfg, data_cfg, num_classes: int):
-        self.num_classes = num_classes
-        mixing = data_cfg.mixup_alpha > 0 or data_cfg.cutmix_alpha > 0
+
+def num_classes_of(cfg: Config) -> int:
+    if cfg.data.num_classes:
+        return cfg.data.num_classes
+    manifest = read_manifest(cfg.data.train) if os.path.isdir(cfg.data.train) else None
+    if manifest and manifest.get("num_classes"):
+        return int(manifest["num_classes"])
+    raise ConfigError("data.num_classes", "not set and the training manifest does not give num_classes")
+
+
+def build_loss(optim_cfg, data_cfg, mixing: bool) -> torch.nn.Module:
+    if optim_cfg.loss == "bce":
+        # Mixup already smooths the targets it makes; BCE smooths only hard targets.
+        return BinaryCrossEntropy(smoothing=0.0 if mixing else optim_cfg.label_smoothing)
+    if mixing:
+        return SoftTargetCrossEntropy()
+    if optim_cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(optim_cfg.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+class ClassifyTask(Task):
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        self.num_classes = num_classes_of(cfg)
+        data = cfg.data
+        mixing = data.mixup_alpha > 0 or data.cutmix_alpha > 0
         self.mixup = Mixup(
-            mixup_alpha=data_cfg.mixup_alpha, cutmix_alpha=data_cfg.cutmix_alpha, prob=data_cfg.mixup_prob,
-            label_smoothing=optim_cfg.label_smoothing, num_classes=num_classes,
+            mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha, prob=data.mixup_prob,
+            label_smoothing=cfg.optim.label_smoothing, num_classes=self.num_classes,
         ) if mixing else None
-        if optim_cfg.loss == "bce":
-            # Mixup already smooths the targets it makes; BCE smooths only hard targets.
-            self.loss_fn = BinaryCrossEntropy(smoothing=0.0 if mixing else optim_cfg.label_smoothing)
-        elif mixing:
-            self.loss_fn = SoftTargetCrossEntropy()
-        elif optim_cfg.label_smoothing > 0:
-            self.loss_fn = LabelSmoothingCrossEntropy(optim_cfg.label_smoothing)
-        else:
-            self.loss_fn = torch.nn.CrossEntropyLoss()
+        self.loss_fn = build_loss(cfg.optim, data, mixing)
+        self.val_shards = resolve_shards(data.val) if data.val else []
 
-    def __call__(self, model, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        num_classes_of(cfg)
+
+    def build_model(self) -> torch.nn.Module:
+        return build_classifier(self.cfg.model, self.num_classes)
+
+    def train_batches(self, rank, world_size, start_epoch, generator):
+        cfg = self.cfg
+        loader = labelled_loader(self.train_shards, cfg.data, rank, world_size, seed=cfg.run.seed, training=True,
+                                 batch_size=cfg.data.batch_size_per_rank, start_epoch=start_epoch,
+                                 generator=generator)
+        return iter(loader)
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
+        images, labels = batch
+        images, labels = self.images_to_device(images), labels.to(self.device, non_blocking=True)
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
-        logits = model(images)
-        loss = self.loss_fn(logits.float(), targets)
-        return loss, {}
+        logits = engine(images)
+        return self.loss_fn(logits.float(), targets), len(labels)
+
+    @torch.no_grad()
+    def evaluate(self, module, rank, world_size) -> dict:
+        if not self.val_shards:
+            return {}
+        cfg = self.cfg
+        loader = labelled_loader(self.val_shards, cfg.data, rank, world_size, seed=cfg.run.seed, training=False,
+                                 batch_size=cfg.eval.batch_size_per_rank or cfg.data.batch_size_per_rank)
+        totals = torch.zeros(4, dtype=torch.float64)  # samples, top1 hits, top5 hits, summed loss
+        for (images, labels), _ in loader:
+            labels = labels.to(self.device)
+            with self.autocast_context():
+                logits = module(self.images_to_device(images))
+            hits = topk_correct(logits, labels)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            totals += torch.tensor([len(labels), hits[1], hits[5], float(loss)], dtype=torch.float64)
+        totals = all_reduce_sum(totals, self.device)
+        n = max(totals[0].item(), 1.0)
+        return {"top1": 100 * totals[1].item() / n, "top5": 100 * totals[2].item() / n,
+                "loss": totals[3].item() / n, "samples": int(totals[0].item())}
 
 
 @torch.no_grad()
@@ -40,7 +101,3 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     top = logits.topk(k_max, dim=1).indices
     hits = top.eq(labels[:, None])
     return {k: int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks}
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, reduction="sum")

@@ -1,0 +1,62 @@
+"""The contract between the shared training loop and a model family."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config
+from pipeline.data.shards import Shard, resolve_shards
+from pipeline.engine import resolve_precision
+from pipeline.optim import param_groups
+
+
+class Task:
+    """Subclasses build the model, the training stream, the loss and the evaluation of their family."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.train_shards: list[Shard] = resolve_shards(cfg.data.train)
+        self.autocast = device.type == "cuda" and resolve_precision(cfg.deepspeed.precision, True) == "bf16"
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Task-specific preflight in the driver; raises ConfigError(key, message)."""
+
+    @property
+    def num_train_samples(self) -> int:
+        return sum(s.num_samples for s in self.train_shards)
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        return param_groups(model, self.cfg.optim.weight_decay)
+
+    def train_batches(self, rank: int, world_size: int, start_epoch: int, generator: torch.Generator) -> Iterator:
+        """Endless iterator of (batch, skipped-reasons Counter)."""
+        raise NotImplementedError
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
+        """Forward + loss of one micro-batch; returns (loss, samples in it)."""
+        raise NotImplementedError
+
+    def evaluate(self, module: torch.nn.Module, rank: int, world_size: int) -> dict:
+        """Metrics over the validation data, identical on every rank (all-reduced)."""
+        return {}
+
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def autocast_context(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    moved = values.to(device)
+    dist.all_reduce(moved)
+    return moved.cpu()
