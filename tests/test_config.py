@@ -96,3 +96,9 @@ def test_cli_too_few_samples_for_one_global_batch(tmp_path, digits_root):
     result = run_launch("pretrain", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 2 and "data.batch_size_per_rank" in result.stderr, result.stderr
     assert "fewer than one global batch" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["resnet50_a3", "resnet50_sgd", "smoke_resnet"])
+def test_shipped_recipes_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.model.kind == "classifier"
