@@ -13,7 +13,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, dump_yaml
+from pipeline.config import Config, ConfigError, dump_yaml, zeroshot_entry
 from pipeline.data.shards import resolve_shards
 
 # Where each data path of a sample corpus sits under the corpus root (data_prep.samples.digits layout).
@@ -50,7 +50,9 @@ def absolute_paths(cfg: Config) -> Config:
     model = cfg.model
     if model.pretrained_path:
         model = dataclasses.replace(model, pretrained_path=str(Path(model.pretrained_path).resolve()))
-    return dataclasses.replace(cfg, data=data, run=run, model=model)
+    zeroshot = tuple(f"{name}={Path(path).resolve()}" for name, path in map(zeroshot_entry, cfg.eval.zeroshot))
+    evaluation = dataclasses.replace(cfg.eval, zeroshot=zeroshot)
+    return dataclasses.replace(cfg, data=data, run=run, model=model, eval=evaluation)
 
 
 def preflight(cfg: Config, source: str) -> None:

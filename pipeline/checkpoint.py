@@ -50,8 +50,11 @@ def read_meta(ckpt_dir: Path) -> dict:
     return json.loads((Path(ckpt_dir) / META_FILE).read_text())
 
 
-def save(engine, run_dir: Path, step: int, meta: dict, client_state: dict, is_rank0: bool) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def save(engine, run_dir: Path, step: int, meta: dict, client_state: dict, is_rank0: bool,
+         after_shards=None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    `after_shards(step)` runs between writing the shards and marking them complete (fault drills)."""
     import torch.distributed as dist
 
     root = checkpoints_root(run_dir)
@@ -63,6 +66,8 @@ def save(engine, run_dir: Path, step: int, meta: dict, client_state: dict, is_ra
     if dist.is_initialized():
         dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if after_shards is not None:
+        after_shards(step)
     if dist.is_initialized():
         dist.barrier()
     if is_rank0:

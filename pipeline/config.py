@@ -37,6 +37,10 @@ class RunSection:
     """Seed for model init, augmentation and shard order."""
     log_every_steps: int = 10
     """Interval of metrics.jsonl rows and the console progress line."""
+    inject_failure_at_step: Optional[int] = None
+    """Fault drill: the last rank exits abruptly (os._exit) at this step, once per run directory."""
+    inject_failure_in_checkpoint: bool = False
+    """Fault drill: the exit happens after that step's checkpoint shards are written, before meta.json."""
 
 
 @dataclass(frozen=True)
@@ -379,12 +383,27 @@ def validate(cfg: Config) -> None:
     check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
     check(not (cfg.optim.ema_decay and cfg.deepspeed.zero_stage == 3), "optim.ema_decay",
           "weight EMA needs full parameters on every rank: use deepspeed.zero_stage <= 2")
+    zeroshot_names = [zeroshot_entry(e)[0] for e in cfg.eval.zeroshot]
+    check(not zeroshot_names or cfg.model.kind == "clip", "eval.zeroshot", "zero-shot sets need model.kind: clip")
+    check(len(set(zeroshot_names)) == len(zeroshot_names), "eval.zeroshot",
+          f"set names must be unique, got {zeroshot_names} (name them: NAME=PATH)")
+    contrastive = cfg.contrastive
+    check(contrastive.lock_image_unlocked_groups >= 0, "contrastive.lock_image_unlocked_groups", "must be >= 0")
+    check(contrastive.lock_text_unlocked_layers >= 0, "contrastive.lock_text_unlocked_layers", "must be >= 0")
     if cfg.data.global_batch_size is not None:
         per_step = cfg.data.batch_size_per_rank * cfg.deepspeed.gradient_accumulation_steps * cfg.ray.num_workers
         check(cfg.data.global_batch_size == per_step, "data.global_batch_size",
               f"DeepSpeed needs global batch = batch_size_per_rank x gradient_accumulation_steps x "
               f"ray.num_workers = {cfg.data.batch_size_per_rank} x {cfg.deepspeed.gradient_accumulation_steps}"
               f" x {cfg.ray.num_workers} = {per_step}, got {cfg.data.global_batch_size}")
+
+
+def zeroshot_entry(entry: str) -> tuple[str, str]:
+    """An eval.zeroshot entry, 'NAME=PATH' or 'PATH' (NAME = the folder's name) -> (name, path)."""
+    name, sep, path = entry.partition("=")
+    if not sep or not name or "/" in name:
+        return Path(entry.rstrip("/")).name, entry
+    return name, path
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

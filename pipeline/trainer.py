@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint
 from pipeline.config import Config
+from pipeline.data.stream import Position, seed_sample_rng
 from pipeline.engine import deepspeed_config, initialize
 from pipeline.metrics import MetricsLogger
 from pipeline.optim import build_optimizer, build_scheduler
@@ -113,16 +114,15 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
     engine = initialize(model, optimizer, scheduler, ds_config)
     ema = _build_ema(engine.module, cfg.optim.ema_decay)
 
-    start_step = _maybe_resume(cfg, engine, ema, rank)
+    start_step, position = _maybe_resume(cfg, engine, ema, rank, plan)
     logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, total_steps=plan.total_steps)
     if rank == 0:
         print(f"[pretrain] {world_size} rank(s) on {device.type}, {plan.steps_per_epoch} steps/epoch, "
               f"{plan.total_steps} steps, global batch {plan.samples_per_step}, starting at step {start_step}",
               flush=True)
     loop = _Loop(cfg, plan, task, engine, ema, rank, world_size, logger, report)
-    generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7 + start_step)
-    batches = task.train_batches(rank, world_size, start_step // plan.steps_per_epoch, generator)
-    final = loop.run(batches, start_step)
+    loop.position = position
+    final = loop.run(task.train_batches(rank, world_size, position), start_step)
     logger.close()
     return final
 
@@ -135,17 +135,21 @@ def _build_ema(module: torch.nn.Module, decay: float | None):
     return ModelEmaV3(module, decay=decay)
 
 
-def _maybe_resume(cfg: Config, engine, ema, rank: int) -> int:
+def _maybe_resume(cfg: Config, engine, ema, rank: int, plan: Plan) -> tuple[int, Position]:
+    """(step, data position) to continue from: the latest complete checkpoint's, or the start."""
     ckpt_dir = checkpoint.find_latest_complete(cfg.run_dir) if cfg.checkpoint.resume else None
     if ckpt_dir is None:
-        return 0
+        return 0, Position()
     client_state = checkpoint.load(engine, ckpt_dir)
     if ema is not None and "ema" in client_state:
         ema.module.load_state_dict(client_state["ema"])
     step = int(client_state.get("step", checkpoint.read_meta(ckpt_dir)["step"]))
+    saved = client_state.get("data_position")
+    # Without a saved position (a stream that cannot tell), restart the epoch the step falls in.
+    position = Position(**saved) if saved else Position(epoch=step // plan.steps_per_epoch)
     if rank == 0:
-        print(f"[pretrain] resumed from {ckpt_dir} at step {step}", flush=True)
-    return step
+        print(f"[pretrain] resumed from {ckpt_dir} at step {step}, data {position}", flush=True)
+    return step, position
 
 
 class _Loop:
@@ -155,6 +159,7 @@ class _Loop:
                  logger: MetricsLogger, report):
         self.cfg, self.plan, self.task, self.engine, self.ema = cfg, plan, task, engine, ema
         self.rank, self.world_size, self.logger, self.report = rank, world_size, logger, report
+        self.position: Position | None = Position()
 
     def run(self, batches, start_step: int) -> dict:
         cfg, plan = self.cfg, self.plan
@@ -165,16 +170,22 @@ class _Loop:
             return {"step": start_step, **self.validate()}
         self.engine.train()
         for step in range(start_step + 1, plan.total_steps + 1):
-            for _ in range(cfg.deepspeed.gradient_accumulation_steps):
+            for micro in range(cfg.deepspeed.gradient_accumulation_steps):
                 window.data_started()
-                batch, skipped = next(batches)
+                batch, skipped, *where = next(batches)
                 window.data_done(skipped)
+                self.position = where[0] if where else None
+                # Mixup, drop-path and dropout draw from RNG seeded by (step, rank): a resumed run
+                # draws what the uninterrupted run drew.
+                seed_sample_rng(cfg.run.seed, step * 1000 + micro, -1 - self.rank)
                 loss, num_samples = self.task.loss(self.engine, batch)
                 self.engine.backward(loss)
                 self.engine.step()
                 window.add(loss.detach(), num_samples)
             if self.ema is not None:
                 self.ema.update(self.engine.module, step=step)
+            if not cfg.run.inject_failure_in_checkpoint:
+                self._maybe_inject_failure(step)
             final = self._after_step(step, window)
         return final
 
@@ -200,13 +211,28 @@ class _Loop:
     def save(self, step: int) -> None:
         cfg = self.cfg
         client_state = {"step": step}
+        if self.position is not None:
+            client_state["data_position"] = {"epoch": self.position.epoch, "offset": self.position.offset}
         if self.ema is not None:
             client_state["ema"] = self.ema.module.state_dict()
         meta = {"epoch": step / self.plan.steps_per_epoch, "config": cfg.to_dict(),
                 "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.world_size}
-        checkpoint.save(self.engine, cfg.run_dir, step, meta, client_state, is_rank0=self.rank == 0)
+        after_shards = self._maybe_inject_failure if cfg.run.inject_failure_in_checkpoint else None
+        checkpoint.save(self.engine, cfg.run_dir, step, meta, client_state, is_rank0=self.rank == 0,
+                        after_shards=after_shards)
         if self.rank == 0:
             checkpoint.apply_retention(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+
+    def _maybe_inject_failure(self, step: int) -> None:
+        """Fault drill (run.inject_failure_at_step): the last rank dies once, as a killed process would."""
+        if step != self.cfg.run.inject_failure_at_step or self.rank != self.world_size - 1:
+            return
+        marker = self.cfg.run_dir / f".injected_failure_{step}"
+        if marker.exists():
+            return
+        marker.write_text("the fault drill killed this rank here once\n")
+        print(f"[pretrain] fault drill: rank {self.rank} exits at step {step}", flush=True)
+        os._exit(17)
 
     def validate(self) -> dict:
         results = {f"val_{k}": v for k, v in self._evaluate(self.engine.module).items()}

@@ -8,8 +8,9 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
-from pipeline.data.reader import ShardStream, SkipSample, collate
+from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
+from pipeline.data.stream import EvalStream, Position, ResumableStream
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -58,15 +59,15 @@ def eval_transform(data_cfg):
 
 
 def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, seed: int, training: bool,
-                    batch_size: int, start_epoch: int = 0, generator: torch.Generator | None = None) -> DataLoader:
-    transform = train_transform(data_cfg) if training else eval_transform(data_cfg)
-    stream = ShardStream(
-        shards, rank, world_size, DecodeLabelled(transform), seed=seed, shuffle=training,
-        shuffle_buffer=data_cfg.shuffle_buffer, endless=training, start_epoch=start_epoch,
-    )
+                    batch_size: int, start: Position = Position()) -> DataLoader:
+    """Training: endless (batch, skipped, position) micro-batches; evaluation: (batch, skipped), each sample once."""
+    if training:
+        stream = ResumableStream(shards, rank, world_size, batch_size, DecodeLabelled(train_transform(data_cfg)),
+                                 seed=seed, shuffle_window=data_cfg.shuffle_buffer, start=start)
+    else:
+        stream = EvalStream(shards, rank, world_size, batch_size, DecodeLabelled(eval_transform(data_cfg)))
     workers = data_cfg.num_workers_per_rank
     return DataLoader(
-        stream, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-        generator=generator,  # seeds the workers' augmentation RNG reproducibly
+        stream, batch_size=None, num_workers=workers, persistent_workers=False,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
     )

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.data.shards import Shard, resolve_shards
+from pipeline.data.stream import Position
 from pipeline.engine import resolve_precision
 from pipeline.optim import param_groups
 
@@ -35,8 +36,10 @@ class Task:
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         return param_groups(model, self.cfg.optim.weight_decay)
 
-    def train_batches(self, rank: int, world_size: int, start_epoch: int, generator: torch.Generator) -> Iterator:
-        """Endless iterator of (batch, skipped-reasons Counter)."""
+    def train_batches(self, rank: int, world_size: int, start: Position) -> Iterator:
+        """Endless iterator of (batch, skipped-reasons Counter, Position after the batch) from `start` on.
+
+        A stream that cannot say where it stands may yield (batch, skipped): resume then restarts its epoch."""
         raise NotImplementedError
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, int]:

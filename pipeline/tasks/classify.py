@@ -58,15 +58,16 @@ class ClassifyTask(Task):
     def build_model(self) -> torch.nn.Module:
         return build_classifier(self.cfg.model, self.num_classes)
 
-    def train_batches(self, rank, world_size, start_epoch, generator):
+    def train_batches(self, rank, world_size, start):
         cfg = self.cfg
-        loader = labelled_loader(self.train_shards, cfg.data, rank, world_size, seed=cfg.run.seed, training=True,
-                                 batch_size=cfg.data.batch_size_per_rank, start_epoch=start_epoch,
-                                 generator=generator)
-        return iter(loader)
+        return iter(labelled_loader(self.train_shards, cfg.data, rank, world_size, seed=cfg.run.seed,
+                                    training=True, batch_size=cfg.data.batch_size_per_rank, start=start))
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
         images, labels = batch
+        if self.mixup is not None and len(labels) % 2:
+            # A skipped corrupt sample left an odd batch; mixup pairs samples, so one more sits out.
+            images, labels = images[:-1], labels[:-1]
         images, labels = self.images_to_device(images), labels.to(self.device, non_blocking=True)
         targets = labels
         if self.mixup is not None:

@@ -1,0 +1,210 @@
+"""Exactly-once, resumable sample streams over webdataset tars.
+
+An epoch is one virtual stream: the shards in an epoch-seeded order, concatenated. It is shuffled in
+windows of `shuffle_window` consecutive positions (a seeded permutation per window), then dealt out
+in global micro-batches of `batch_size_per_rank x world_size` consecutive positions; rank r takes
+slice r of each. A DataLoader worker w builds the micro-batches k = w, w + W, ... counted from where
+the loader started, which is the order torch's DataLoader hands them back in.
+
+So the samples a step sees are a pure function of (seed, epoch, position in the epoch): the loader's
+state is two integers, saved in every checkpoint. A resumed run continues at the exact next sample,
+with any world size (positions do not depend on it). The tail of an epoch shorter than one global
+micro-batch is skipped (at most batch_size_per_rank x world_size - 1 samples per epoch), which keeps
+every rank at the same number of steps.
+
+Samples are read by seeking inside the tar (an index of member offsets is built from the tar headers
+once per shard and worker), so a reader touches only the bytes of its own samples.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.data.reader import SkipSample
+from pipeline.data.shards import Shard
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a stream stands: the next sample to read is `offset` of epoch `epoch`."""
+
+    epoch: int = 0
+    offset: int = 0
+
+
+def epoch_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
+    order = list(shards)
+    if shuffle:
+        random.Random(_seed(seed, epoch, 0x5A)).shuffle(order)
+    return order
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class EpochLayout:
+    """Maps a stream position of one epoch to (shard path, sample index inside the shard)."""
+
+    def __init__(self, shards: list[Shard], seed: int, epoch: int, shuffle: bool, shuffle_window: int):
+        self.order = epoch_order(shards, seed, epoch, shuffle)
+        self.starts = np.cumsum([0] + [s.num_samples for s in self.order]).tolist()
+        self.num_samples = self.starts[-1]
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.window = max(1, shuffle_window) if shuffle else 1
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _permuted(self, position: int) -> int:
+        if self.window == 1:
+            return position
+        window, inside = divmod(position, self.window)
+        perm = self._perms.get(window)
+        if perm is None:
+            size = min(self.window, self.num_samples - window * self.window)
+            perm = np.random.default_rng(_seed(self.seed, self.epoch, window, 0xC3)).permutation(size)
+            self._perms = {window: perm}  # windows are visited in order: keep one
+        return window * self.window + int(perm[inside])
+
+    def locate(self, position: int) -> tuple[str, int]:
+        source = self._permuted(position)
+        shard = bisect.bisect_right(self.starts, source) - 1
+        return self.order[shard].path, source - self.starts[shard]
+
+
+class TarSamples:
+    """Random access to the samples of tar shards through their headers' offsets."""
+
+    def __init__(self, max_open: int = 8):
+        self._index: dict[str, list[tuple[str, list[tuple[str, int, int]]]]] = {}
+        self._files: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.max_open = max_open
+
+    @staticmethod
+    def _build_index(path: str) -> list[tuple[str, list[tuple[str, int, int]]]]:
+        """[(key, [(ext, data offset, size), ...]), ...] grouped as webdataset groups members."""
+        samples: list[tuple[str, list[tuple[str, int, int]]]] = []
+        with tarfile.open(path, "r:") as tar:  # 'r:' seeks over member data: headers only
+            for member in tar:
+                if not member.isfile() or os.path.basename(member.name).startswith("__"):
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, []))
+                samples[-1][1].append((ext.lower(), member.offset_data, member.size))
+        return samples
+
+    def _file(self, path: str):
+        handle = self._files.pop(path, None) or open(path, "rb")
+        self._files[path] = handle
+        while len(self._files) > self.max_open:
+            self._files.popitem(last=False)[1].close()
+        return handle
+
+    def read(self, path: str, index: int) -> dict:
+        if path not in self._index:
+            try:
+                self._index[path] = self._build_index(path)
+            except (OSError, tarfile.TarError) as err:
+                self._index[path] = []
+                print(f"[data] unreadable shard {path}: {err}", flush=True)
+        samples = self._index[path]
+        if index >= len(samples):
+            raise SkipSample("sample missing from shard (unreadable tar or manifest count too large)")
+        key, members = samples[index]
+        handle = self._file(path)
+        raw: dict[str, Any] = {"__key__": key, "__url__": path}
+        for ext, offset, size in members:
+            handle.seek(offset)
+            raw[ext] = handle.read(size)
+        return raw
+
+
+def seed_sample_rng(seed: int, epoch: int, position: int) -> None:
+    """Augmentation randomness of a sample depends only on the sample, never on worker or resume."""
+    value = _seed(seed, epoch, position, 0x77)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+class ResumableStream(IterableDataset):
+    """Yields (batch, skipped reasons Counter, Position after this micro-batch) for one rank (training)."""
+
+    def __init__(self, shards: list[Shard], rank: int, world_size: int, batch_size_per_rank: int,
+                 decode: Callable[[dict], Any], seed: int, shuffle_window: int, start: Position = Position(),
+                 collate: Callable[[list], Any] = torch.utils.data.default_collate):
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.batch_size, self.decode, self.seed = batch_size_per_rank, decode, seed
+        self.shuffle_window, self.start, self.collate = shuffle_window, start, collate
+        self.global_batch = batch_size_per_rank * world_size
+        if sum(s.num_samples for s in shards) < self.global_batch:
+            raise ValueError("fewer samples than one global micro-batch")
+
+    def micro_batches(self) -> Iterator[tuple[EpochLayout, int]]:
+        """(layout, first position) of every global micro-batch from the start position on, forever."""
+        epoch, offset = self.start.epoch, self.start.offset
+        while True:
+            layout = EpochLayout(self.shards, self.seed, epoch, True, self.shuffle_window)
+            while offset + self.global_batch <= layout.num_samples:
+                yield layout, offset
+                offset += self.global_batch
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        store = TarSamples()
+        for k, (layout, first) in enumerate(self.micro_batches()):
+            if k % workers != worker:
+                continue
+            begin = first + self.rank * self.batch_size
+            items, skipped = [], collections.Counter()
+            for position in range(begin, begin + self.batch_size):
+                try:
+                    path, index = layout.locate(position)
+                    seed_sample_rng(self.seed, layout.epoch, position)
+                    items.append(self.decode(store.read(path, index)))
+                except SkipSample as why:
+                    skipped.update([str(why)])
+            if not items:
+                raise RuntimeError(f"rank {self.rank}: every sample of a micro-batch was undecodable: {dict(skipped)}")
+            yield self.collate(items), skipped, Position(layout.epoch, first + self.global_batch)
+
+
+class EvalStream(IterableDataset):
+    """Every sample exactly once, in shard order: rank r takes batches r, r + world, ...; no padding."""
+
+    def __init__(self, shards: list[Shard], rank: int, world_size: int, batch_size: int,
+                 decode: Callable[[dict], Any], collate: Callable[[list], Any] = torch.utils.data.default_collate):
+        self.layout = EpochLayout(shards, 0, 0, False, 1)
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.decode, self.collate = decode, collate
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        store = TarSamples()
+        mine = range(self.rank * self.batch_size, self.layout.num_samples, self.batch_size * self.world_size)
+        for k, begin in enumerate(mine):
+            if k % workers != worker:
+                continue
+            items, skipped = [], collections.Counter()
+            for position in range(begin, min(begin + self.batch_size, self.layout.num_samples)):
+                try:
+                    items.append(self.decode(store.read(*self.layout.locate(position))))
+                except SkipSample as why:
+                    skipped.update([str(why)])
+            if items:
+                yield self.collate(items), skipped

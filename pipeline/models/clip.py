@@ -1,0 +1,101 @@
+"""CLIP / SigLIP models by open_clip architecture name, plus the project's tiny CPU architectures.
+
+Any name open_clip knows (RN50, RN101, RN50x4, ViT-B-32, ViT-B-16, ViT-SO400M-14-SigLIP, ...) builds
+randomly initialised; `model.pretrained_path` then loads a local open_clip weights file without
+executing pickled code. The tiny architectures in clip_configs/ are registered with open_clip the
+supported way (open_clip.add_model_config), so open_clip's own factory, tokenizer and exports know them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+
+from pipeline.checkpoint import load_weights_file
+
+CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
+# name -> what it is for; the JSON files are the architecture.
+TINY_CLIP_MODELS: dict[str, str] = {
+    "clip-tiny-rn": "ModifiedResNet tower [1,1,1,1] width 16 + 2-layer text, 32 px, embed 64 (4.6M params)",
+    "clip-tiny-vit": "ViT tower 4x128 patch 8 + 2-layer text, 32 px, embed 64 (4.1M params)",
+}
+# Weight decay exemptions besides 1-D parameters (norms, biases, logit scale/bias): embeddings, as
+# open_clip_train and the CLIP paper exempt them. Matched against whole dotted name components.
+CLIP_NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "token_embedding", "logit_scale", "logit_bias")
+# SigLIP's initialisation (Zhai et al. 2023): t' = log 10, b = -10, so the many negatives start near 0 loss.
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+
+_registered = False
+
+
+def register_tiny_configs() -> None:
+    """Make the clip_configs/*.json architectures open_clip models (once per process)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CLIP_CONFIG_DIR)
+        _registered = True
+
+
+def check_clip_name(name: str) -> None:
+    register_tiny_configs()
+    if name not in open_clip.list_models():
+        tiny = ", ".join(TINY_CLIP_MODELS)
+        raise ValueError(f"model.name: {name!r} is not an open_clip architecture (tiny: {tiny}; or any of "
+                         f"open_clip.list_models(), e.g. RN50, ViT-B-32)")
+
+
+def get_tokenizer(name: str):
+    register_tiny_configs()
+    return open_clip.get_tokenizer(name)
+
+
+def build_clip(model_cfg, contrastive_cfg) -> torch.nn.Module:
+    """open_clip model returning a dict of normalised features, exp'd logit scale (and bias for SigLIP)."""
+    check_clip_name(model_cfg.name)
+    kwargs = {}
+    config = open_clip.get_model_config(model_cfg.name) or {}
+    if contrastive_cfg.loss == "siglip" and config.get("init_logit_bias") is None:
+        # A CLIP architecture trained with the sigmoid loss needs the learnable bias SigLIP adds.
+        kwargs.update(init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
+    model = open_clip.create_model(model_cfg.name, pretrained=None, output_dict=True, **kwargs)
+    if model_cfg.pretrained_path:
+        load_pretrained(model, model_cfg.pretrained_path, model_cfg.name)
+    apply_locking(model, contrastive_cfg)
+    if model_cfg.grad_checkpointing:
+        # open_clip's ModifiedResNet tower ignores this (only transformer blocks checkpoint).
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def load_pretrained(model: torch.nn.Module, path: str, name: str) -> None:
+    """Weights from an open_clip state-dict file (.pt/.bin/.safetensors), loaded safely and strictly."""
+    # The evaluation stage's state-dict fixes (open_clip.load_checkpoint's, on a safely loaded dict).
+    from pipeline.evaluation.resolver import _adapt_open_clip_state
+
+    state = _adapt_open_clip_state(model, load_weights_file(path))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"model.pretrained_path: {path} does not match {name}: missing {result.missing_keys[:3]} "
+            f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:3]} ({len(result.unexpected_keys)})"
+        )
+
+
+def apply_locking(model: torch.nn.Module, contrastive_cfg) -> None:
+    """LiT (Zhai et al. 2022): freeze a tower; its parameters then leave the optimizer entirely."""
+    cfg = contrastive_cfg
+    if cfg.lock_image:
+        try:
+            model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                                   freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+        except AssertionError as err:  # open_clip asserts on what a tower cannot do (partial RN locking)
+            raise ValueError(f"contrastive.lock_image_unlocked_groups: {err}") from None
+    if cfg.lock_text:
+        # open_clip's built-in text transformer locks its LayerNorms with their layers and asserts when
+        # asked otherwise; leaving them trainable is an option of Hugging Face text towers only.
+        builtin_text = isinstance(model, open_clip.CLIP)
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
+                              freeze_layer_norm=cfg.lock_text_freeze_layer_norm or builtin_text)

@@ -1,0 +1,77 @@
+"""Contrastive image-text pretraining (model.kind: clip): open_clip CLIP / SigLIP models on image-text
+shards, trained by the shared loop with open_clip's losses across ranks.
+
+Effective contrastive batch: each micro-batch's loss covers the global micro-batch
+(data.batch_size_per_rank x ray.num_workers) because features are gathered across ranks;
+gradient accumulation sums gradients of separate micro-batch losses, so it multiplies the samples per
+optimizer step, not the negatives each sample sees (see pipeline.tasks.contrastive_loss).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pipeline.config import Config, ConfigError
+from pipeline.data.image_text import image_text_loader
+from pipeline.data.shards import resolve_shards
+from pipeline.models.clip import CLIP_NO_DECAY_NAMES, build_clip, check_clip_name, get_tokenizer
+from pipeline.optim import param_groups
+from pipeline.tasks.base import Task
+from pipeline.tasks.contrastive_eval import evaluate_contrastive, zeroshot_sets
+from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_loss
+
+
+def split_sources(spec: str) -> list[list]:
+    """'a::b' -> the shards of each source, in order (data.train_weights pairs with them)."""
+    return [resolve_shards(part) for part in (p.strip() for p in spec.split("::")) if part]
+
+
+class ContrastiveTask(Task):
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        self.tokenizer = get_tokenizer(cfg.model.name)
+        self.train_sources = split_sources(cfg.data.train)
+        self.val_sources = split_sources(cfg.data.val) if cfg.data.val else []
+        self.loss_fn = build_contrastive_loss(cfg.contrastive)
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        try:
+            check_clip_name(cfg.model.name)
+        except ValueError as err:
+            raise ConfigError("model.name", str(err).removeprefix("model.name: ")) from None
+        if cfg.model.pretrained_path and not os.path.isfile(cfg.model.pretrained_path):
+            raise ConfigError("model.pretrained_path", f"{cfg.model.pretrained_path}: no such weights file")
+        try:
+            zeroshot_sets(cfg.eval.zeroshot, check=True)
+        except ValueError as err:
+            raise ConfigError("eval.zeroshot", str(err)) from None
+
+    def build_model(self) -> torch.nn.Module:
+        return build_clip(self.cfg.model, self.cfg.contrastive)
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        # Locked (LiT) parameters have requires_grad False and stay out of the optimizer.
+        return param_groups(model, self.cfg.optim.weight_decay, CLIP_NO_DECAY_NAMES)
+
+    def train_batches(self, rank, world_size, start_epoch, generator):
+        cfg = self.cfg
+        loader = image_text_loader(self.train_sources, cfg.data, self.tokenizer, rank, world_size, seed=cfg.run.seed,
+                                   training=True, batch_size=cfg.data.batch_size_per_rank,
+                                   weights=cfg.data.train_weights, start_epoch=start_epoch, generator=generator)
+        return iter(loader)
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
+        images, texts = batch
+        images, texts = self.images_to_device(images), texts.to(self.device, non_blocking=True)
+        outputs = engine(images, texts)  # bf16 autocast, when on, is DeepSpeed's (engine.torch_autocast)
+        return contrastive_loss(self.loss_fn, outputs), len(texts)
+
+    @torch.no_grad()
+    def evaluate(self, module, rank, world_size) -> dict:
+        cfg = self.cfg
+        return evaluate_contrastive(
+            module, self.tokenizer, cfg.data, cfg.eval, cfg.contrastive, self.val_sources, self.device,
+            self.autocast, rank, world_size, seed=cfg.run.seed,
+        )
