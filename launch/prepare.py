@@ -77,11 +77,9 @@ def preflight(cfg: Config, source: str) -> None:
         make_plan(cfg, sum(s.num_samples for s in shards), cfg.ray.num_workers)
     except ValueError as err:
         raise ConfigError("data.batch_size_per_rank", str(err).split(": ", 1)[1], source) from None
-    readers = cfg.ray.num_workers * max(1, cfg.data.num_workers_per_rank)
-    if len(shards) < readers:
-        # Handled (every reader strides over all shards), but each reader then reads every byte.
-        print(f"[launch] note: {len(shards)} shards < {readers} readers (ranks x loader workers): "
-              "each reader scans all shards and keeps its share of samples", flush=True)
+    # Any number of shards serves any number of readers (each reader seeks to its own samples), so
+    # shards < ranks x loader workers needs no refusal; a shard that cannot be decoded does.
+    spot_check(shards[0].path, "data.train", source)
     output = Path(cfg.run.output_dir)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -115,3 +113,15 @@ def git_revision() -> dict:
         except (OSError, subprocess.TimeoutExpired):
             return ""
     return {"revision": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
+def spot_check(shard_path: str, key: str, source: str) -> None:
+    """The first sample of a shard must be readable and hold a decodable image."""
+    from pipeline.data.labelled import decode_image
+    from pipeline.data.reader import SkipSample
+    from pipeline.data.stream import TarSamples
+
+    try:
+        decode_image(TarSamples().read(shard_path, 0))
+    except SkipSample as why:
+        raise ConfigError(key, f"spot check of {shard_path}: first sample: {why}", source) from None

@@ -117,11 +117,19 @@ class Cluster:
         self.address = dashboard_address(address)
         self.token, self.token_source = auth_token()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        quiet_ray_loggers()
+        if self.token and "RAY_AUTH_MODE" not in os.environ:
+            # As `ray status` does: a token on hand turns token mode on in this process, so that a GCS
+            # address (RAY_ADDRESS=HEAD:6379, resolved to the dashboard through the GCS) gets it too.
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         with self.errors(), without_env(ADDRESS_ENV_VARS):
             # Ray's client prefers $RAY_ADDRESS over its argument; an explicit --address must win.
             from ray.job_submission import JobSubmissionClient
 
-            quiet_ray_loggers()
             self.client = JobSubmissionClient(self.address, headers=headers)
 
     @contextlib.contextmanager
@@ -161,8 +169,12 @@ def quiet_ray_loggers() -> None:
     """Ray's client logs each packaging step at INFO (and its default excludes at WARNING): noise here."""
     import logging
 
+    import ray.dashboard.modules.job.sdk  # noqa: F401  (it sets its own level on import)
+
     for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk",
-                 "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
+                 "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
+                 "ray._private.authentication.http_token_authentication",
+                 "ray._private.authentication.authentication_token_setup"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

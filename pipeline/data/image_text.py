@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.labelled import decode_image, eval_transform, train_transform
 from pipeline.data.mixing import MixedStream
-from pipeline.data.reader import ShardStream, SkipSample, collate
+from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
+from pipeline.data.stream import EvalStream, Position, ResumableStream
 
 
 def read_caption(raw: dict) -> str:
@@ -52,33 +53,25 @@ class DecodeImageText:
         return image, self.tokenizer([caption])[0]
 
 
-def source_streams(sources: list[list[Shard]], decode: Callable, rank: int, world_size: int, seed: int,
-                   training: bool, shuffle_buffer: int, start_epoch: int) -> list[ShardStream]:
-    return [
-        ShardStream(shards, rank, world_size, decode, seed=seed + index, shuffle=training,
-                    shuffle_buffer=shuffle_buffer, endless=training, start_epoch=start_epoch)
-        for index, shards in enumerate(sources)
-    ]
-
-
 def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable, rank: int, world_size: int,
                       seed: int, training: bool, batch_size: int, weights: tuple[float, ...] | None = None,
-                      start_epoch: int = 0, generator: torch.Generator | None = None) -> DataLoader:
-    """Batches of ((images, tokens), skipped reasons). Several sources with weights are mixed per sample;
-    without weights all sources form one stream (each source then contributes by its size)."""
-    transform = train_transform(data_cfg) if training else eval_transform(data_cfg)
-    decode = DecodeImageText(transform, tokenizer)
-    if weights is not None and len(sources) > 1:
-        streams = source_streams(sources, decode, rank, world_size, seed, training, data_cfg.shuffle_buffer,
-                                 start_epoch)
-        dataset = MixedStream(streams, weights, seed=seed, start_epoch=start_epoch)
+                      start: Position = Position()) -> DataLoader:
+    """Training: endless (batch, skipped, position) micro-batches, several weighted sources mixed per
+    sample (without weights all sources form one stream, each contributing by its size); evaluation:
+    (batch, skipped), every sample once. A batch is (images, token ids)."""
+    if training:
+        decode = DecodeImageText(train_transform(data_cfg), tokenizer)
+        if weights is not None and len(sources) > 1:
+            stream = MixedStream(sources, weights, rank, world_size, batch_size, decode, seed=seed,
+                                 shuffle_window=data_cfg.shuffle_buffer, start=start)
+        else:
+            stream = ResumableStream([s for source in sources for s in source], rank, world_size, batch_size,
+                                     decode, seed=seed, shuffle_window=data_cfg.shuffle_buffer, start=start)
     else:
-        shards = [shard for source in sources for shard in source]
-        dataset = source_streams([shards], decode, rank, world_size, seed, training, data_cfg.shuffle_buffer,
-                                 start_epoch)[0]
+        decode = DecodeImageText(eval_transform(data_cfg), tokenizer)
+        stream = EvalStream([s for source in sources for s in source], rank, world_size, batch_size, decode)
     workers = data_cfg.num_workers_per_rank
     return DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=training,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-        generator=generator,
+        stream, batch_size=None, num_workers=workers, persistent_workers=False,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
     )

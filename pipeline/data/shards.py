@@ -82,9 +82,12 @@ def _known_counts(folder: Path) -> dict[str, int]:
 def count_samples(path: str) -> int:
     """Distinct sample keys in a tar (webdataset's key = path up to the first dot of the basename)."""
     keys = set()
-    with tarfile.open(path, "r|*") as tar:
-        for member in tar:
-            if member.isfile() and not os.path.basename(member.name).startswith("__"):
-                dirname, base = os.path.split(member.name)
-                keys.add(os.path.join(dirname, base.split(".", 1)[0]))
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if member.isfile() and not os.path.basename(member.name).startswith("__"):
+                    dirname, base = os.path.split(member.name)
+                    keys.add(os.path.join(dirname, base.split(".", 1)[0]))
+    except (OSError, tarfile.TarError) as err:
+        raise ValueError(f"{path}: not a readable tar shard ({type(err).__name__}: {err})") from None
     return len(keys)

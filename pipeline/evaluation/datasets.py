@@ -50,6 +50,8 @@ class Batch:
     labels: torch.Tensor | None = None
     captions: list[list[str]] | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    """'shard/key' of each row: worker processes interleave batches, so order-sensitive consumers sort."""
 
 
 class BadSample(Exception):
@@ -192,12 +194,12 @@ def _decode_captioned(sample: dict, transform: Transform) -> tuple[torch.Tensor,
 
 
 def _collate(items: list, skipped: Counter, with_labels: bool) -> Batch:
-    images = torch.stack([image for image, _ in items]) if items else torch.empty(0)
-    batch = Batch(images=images, skipped=dict(skipped))
+    images = torch.stack([image for _, image, _ in items]) if items else torch.empty(0)
+    batch = Batch(images=images, skipped=dict(skipped), keys=[key for key, _, _ in items])
     if with_labels:
-        batch.labels = torch.tensor([target for _, target in items], dtype=torch.long)
+        batch.labels = torch.tensor([target for _, _, target in items], dtype=torch.long)
     else:
-        batch.captions = [target for _, target in items]
+        batch.captions = [target for _, _, target in items]
     return batch
 
 
@@ -206,7 +208,8 @@ def _batches(samples: Iterable[dict], decode: Callable, batch_size: int, with_la
     skipped: Counter = Counter()
     for sample in samples:
         try:
-            items.append(decode(sample))
+            key = f"{Path(sample.get('__url__', '')).name}/{sample.get('__key__')}"
+            items.append((key, *decode(sample)))
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue

@@ -55,7 +55,10 @@ def get_tokenizer(name: str):
 def build_clip(model_cfg, contrastive_cfg) -> torch.nn.Module:
     """open_clip model returning a dict of normalised features, exp'd logit scale (and bias for SigLIP)."""
     check_clip_name(model_cfg.name)
-    kwargs = {}
+    # DeepSpeed broadcasts parameters as byte views, which a 0-d tensor cannot give: the logit scale
+    # (and bias) are 1-element vectors, as open_clip's own `nonscalar_logit_scale` option makes them
+    # (open_clip.load_checkpoint reshapes either way when loading).
+    kwargs = {"nonscalar_logit_scale": True}
     config = open_clip.get_model_config(model_cfg.name) or {}
     if contrastive_cfg.loss == "siglip" and config.get("init_logit_bias") is None:
         # A CLIP architecture trained with the sigmoid loss needs the learnable bias SigLIP adds.

@@ -34,7 +34,7 @@ RESIDUAL_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
 }
 
 
-def _factory(name: str) -> Callable[..., torch.nn.Module]:
+def model_factory(name: str) -> Callable[..., torch.nn.Module]:
     if name in RESIDUAL_MODELS:
         return RESIDUAL_MODELS[name]
     if timm.is_model(name):
@@ -46,7 +46,7 @@ def _factory(name: str) -> Callable[..., torch.nn.Module]:
 
 def build_classifier(model_cfg, num_classes: int) -> torch.nn.Module:
     """timm classifier with stochastic depth and zero-init-last-BN as configured."""
-    factory = _factory(model_cfg.name)
+    factory = model_factory(model_cfg.name)
     kwargs = {"num_classes": num_classes, "drop_path_rate": model_cfg.drop_path_rate}
     try:
         model = factory(zero_init_last=model_cfg.zero_init_last, **kwargs)

@@ -15,6 +15,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.labelled import labelled_loader
 from pipeline.data.shards import read_manifest, resolve_shards
 from pipeline.models import build_classifier
+from pipeline.models.residual import model_factory
 from pipeline.tasks.base import Task, all_reduce_sum
 
 
@@ -54,6 +55,10 @@ class ClassifyTask(Task):
     @classmethod
     def check(cls, cfg: Config) -> None:
         num_classes_of(cfg)
+        try:
+            model_factory(cfg.model.name)
+        except ValueError as err:
+            raise ConfigError("model.name", str(err).split(": ", 1)[1]) from None
 
     def build_model(self) -> torch.nn.Module:
         return build_classifier(self.cfg.model, self.num_classes)

@@ -55,12 +55,11 @@ class ContrastiveTask(Task):
         # Locked (LiT) parameters have requires_grad False and stay out of the optimizer.
         return param_groups(model, self.cfg.optim.weight_decay, CLIP_NO_DECAY_NAMES)
 
-    def train_batches(self, rank, world_size, start_epoch, generator):
+    def train_batches(self, rank, world_size, start):
         cfg = self.cfg
-        loader = image_text_loader(self.train_sources, cfg.data, self.tokenizer, rank, world_size, seed=cfg.run.seed,
-                                   training=True, batch_size=cfg.data.batch_size_per_rank,
-                                   weights=cfg.data.train_weights, start_epoch=start_epoch, generator=generator)
-        return iter(loader)
+        return iter(image_text_loader(self.train_sources, cfg.data, self.tokenizer, rank, world_size,
+                                      seed=cfg.run.seed, training=True, batch_size=cfg.data.batch_size_per_rank,
+                                      weights=cfg.data.train_weights, start=start))
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
         images, texts = batch

@@ -11,6 +11,7 @@ skip counting) and gathers across ranks. Metric values are fractions, as `launch
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,8 +21,8 @@ import torch.distributed as dist
 from pipeline.config import zeroshot_entry
 from pipeline.data.image_text import image_text_loader
 from pipeline.data.labelled import DecodeLabelled, eval_transform
-from pipeline.data.reader import ShardStream, collate
-from pipeline.data.shards import Shard
+from pipeline.data.shards import Shard, resolve_shards
+from pipeline.data.stream import EvalStream
 from pipeline.evaluation import datasets
 from pipeline.evaluation.metrics import classification_metrics
 from pipeline.evaluation.retrieval import recall_metrics
@@ -54,13 +55,12 @@ def _skipped(counts) -> dict:
     return {"skipped_samples": dict(counts)} if counts else {}
 
 
-def _labelled_batches(shards: list[Path], transform, rank: int, world_size: int, batch_size: int,
+def _labelled_batches(data_dir: Path, transform, rank: int, world_size: int, batch_size: int,
                       num_workers: int) -> Iterator[datasets.Batch]:
-    """The stage's Batch objects from the training reader: each rank reads its share of the set."""
-    stream = ShardStream([Shard(str(p), 0) for p in shards], rank, world_size, DecodeLabelled(transform),
-                         seed=0, shuffle=False, endless=False)
-    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate, persistent_workers=False)
+    """The stage's Batch objects from the training reader: each rank reads its share, every sample once."""
+    split_dir = datasets.find_shards(data_dir, ZEROSHOT_SPLIT)[0].parent
+    stream = EvalStream(resolve_shards(str(split_dir)), rank, world_size, batch_size, DecodeLabelled(transform))
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
     for (images, labels), skipped in loader:
         yield datasets.Batch(images=images, labels=labels, skipped=dict(skipped))
 
@@ -69,8 +69,7 @@ def zero_shot(module, tokenizer: Callable, data_dir: str, data_cfg, batch_size: 
               amp: bool, rank: int, world_size: int) -> dict:
     classnames, templates, _ = _zero_shot_prompts(Path(data_dir), ZEROSHOT_SPLIT)
     classifier = build_classifier(module, tokenizer, classnames, templates, device, amp=amp)
-    shards = datasets.find_shards(Path(data_dir), ZEROSHOT_SPLIT)
-    batches = _labelled_batches(shards, eval_transform(data_cfg), rank, world_size, batch_size,
+    batches = _labelled_batches(Path(data_dir), eval_transform(data_cfg), rank, world_size, batch_size,
                                 data_cfg.num_workers_per_rank)
     tally = SkipTally()
     try:
@@ -83,7 +82,7 @@ def zero_shot(module, tokenizer: Callable, data_dir: str, data_cfg, batch_size: 
     # Logits are samples x classes floats: small next to the images each rank already decoded.
     parts = _all_gather((logits, targets, tally.counts), world_size)
     metrics = classification_metrics(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-    skipped = sum((p[2] for p in parts), start=type(tally.counts)())
+    skipped = sum((p[2] for p in parts), start=Counter())
     return {**metrics, "samples": sum(len(p[1]) for p in parts), **_skipped(skipped)}
 
 
@@ -94,7 +93,7 @@ def val_contrastive(module, tokenizer: Callable, sources: list[list[Shard]], dat
     loss_fn = build_contrastive_loss(contrastive_cfg, rank=0, world_size=1)  # within one batch
     loader = image_text_loader(sources, data_cfg, tokenizer, rank, world_size, seed=seed, training=False,
                                batch_size=batch_size)
-    images, texts, skipped = [], [], type(SkipTally().counts)()
+    images, texts, skipped = [], [], Counter()
     loss_sum = torch.zeros(2, dtype=torch.float64)  # sum of per-sample losses, samples
     for (pixels, tokens), reasons in loader:
         skipped.update(reasons)
@@ -112,7 +111,7 @@ def val_contrastive(module, tokenizer: Callable, sources: list[list[Shard]], dat
     totals = sum(p[2] for p in parts)
     # One caption per image in training shards: text i belongs to image i.
     recalls = recall_metrics(image_embeddings, text_embeddings, torch.arange(len(text_embeddings)))
-    skipped = sum((p[3] for p in parts), start=type(skipped)())
+    skipped = sum((p[3] for p in parts), start=Counter())
     return {"loss": totals[0].item() / max(totals[1].item(), 1.0), **recalls,
             "samples": int(totals[1].item()), **_skipped(skipped)}
 
