@@ -52,12 +52,17 @@ def absolute_paths(cfg: Config) -> Config:
         model = dataclasses.replace(model, pretrained_path=str(Path(model.pretrained_path).resolve()))
     zeroshot = tuple(f"{name}={Path(path).resolve()}" for name, path in map(zeroshot_entry, cfg.eval.zeroshot))
     evaluation = dataclasses.replace(cfg.eval, zeroshot=zeroshot)
-    return dataclasses.replace(cfg, data=data, run=run, model=model, eval=evaluation)
+    distill = cfg.distill
+    if distill.teacher and os.path.exists(distill.teacher):
+        distill = dataclasses.replace(distill, teacher=str(Path(distill.teacher).resolve()))
+    if distill.zeroshot_classes:
+        distill = dataclasses.replace(distill, zeroshot_classes=str(Path(distill.zeroshot_classes).resolve()))
+    return dataclasses.replace(cfg, data=data, run=run, model=model, eval=evaluation, distill=distill)
 
 
 def preflight(cfg: Config, source: str) -> None:
     """Shards exist and are enough for the ranks, classes are known, the batch arithmetic works."""
-    from pipeline.tasks import task_class
+    from pipeline.tasks import task_class, task_key
     from pipeline.trainer import make_plan
 
     try:
@@ -70,9 +75,11 @@ def preflight(cfg: Config, source: str) -> None:
         except ValueError as err:
             raise ConfigError("data.val", str(err), source) from None
     try:
-        task_class(cfg.model.kind).check(cfg)
+        task_class(task_key(cfg)).check(cfg)
     except ConfigError as err:
         raise err.with_source(source) from None
+    except ValueError as err:  # no task registered for this kind (or distilling it)
+        raise ConfigError("model.kind", str(err).split(": ", 1)[-1], source) from None
     try:
         make_plan(cfg, sum(s.num_samples for s in shards), cfg.ray.num_workers)
     except ValueError as err:

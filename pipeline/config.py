@@ -120,6 +120,25 @@ class ContrastiveSection:
 
 
 @dataclass(frozen=True)
+class DistillSection:
+    """Knowledge distillation (launch distill): a frozen teacher, the student is `model`."""
+
+    teacher: str = ""
+    """Teacher REF: a run dir, a checkpoint dir, an exported file, or open_clip/timm weights (+ teacher_model)."""
+    teacher_model: Optional[str] = None
+    """Architecture name for outside weight files (open_clip or timm name)."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL term (scaled by T^2, Hinton et al.)."""
+    distill_weight: float = 1.0
+    """Weight of KL(teacher || student)."""
+    hard_label_weight: float = 0.0
+    """Weight of the student's own loss on the labels (alpha); 0 = pure function matching."""
+    zeroshot_classes: str = ""
+    """CLIP teacher -> classifier student: a CLIP_benchmark-layout folder (classnames.txt, templates);
+    empty = the training manifest's class names with the 80 OpenAI ImageNet templates."""
+
+
+@dataclass(frozen=True)
 class OptimSection:
     name: str = "sgd"
     """'sgd', 'adamw' or 'lamb'."""
@@ -212,6 +231,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "optim": OptimSection,
     "contrastive": ContrastiveSection,
+    "distill": DistillSection,
     "schedule": ScheduleSection,
     "deepspeed": DeepSpeedSection,
     "ray": RaySection,
@@ -227,6 +247,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     contrastive: ContrastiveSection = field(default_factory=ContrastiveSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     ray: RaySection = field(default_factory=RaySection)
@@ -363,6 +384,9 @@ def validate(cfg: Config) -> None:
     check(bool(cfg.data.train) or cfg.data.sample_corpus is not None, "data.train", "is required")
     check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values")
     check(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+    check(cfg.distill.temperature > 0, "distill.temperature", "must be > 0")
+    check(cfg.distill.distill_weight >= 0 and cfg.distill.hard_label_weight >= 0, "distill.distill_weight",
+          "distill_weight and hard_label_weight must be >= 0")
     check(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
     check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")

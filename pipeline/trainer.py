@@ -26,7 +26,7 @@ from pipeline.data.stream import Position, seed_sample_rng
 from pipeline.engine import deepspeed_config, initialize
 from pipeline.metrics import MetricsLogger
 from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.tasks import task_class
+from pipeline.tasks import task_class, task_key
 from pipeline.tasks.base import Task, all_reduce_sum
 
 
@@ -104,7 +104,7 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
                  report: Callable[[dict], None] | None) -> dict:
     cfg = Config.from_dict(config_dict)
     device = _setup_process(cfg, rank, local_rank)
-    task: Task = task_class(cfg.model.kind)(cfg, device)
+    task: Task = task_class(task_key(cfg))(cfg, device)
     plan = make_plan(cfg, task.num_train_samples, world_size)
 
     model = task.build_model()
@@ -124,7 +124,7 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
     loop.position = position
     final = loop.run(task.train_batches(rank, world_size, position), start_step)
     logger.close()
-    return final
+    return {"step": plan.total_steps, **final}
 
 
 def _build_ema(module: torch.nn.Module, decay: float | None):

@@ -9,11 +9,17 @@ import importlib
 TASKS: dict[str, str] = {
     "classifier": "pipeline.tasks.classify:ClassifyTask",
     "clip": "pipeline.tasks.contrastive:ContrastiveTask",
+    "distill:classifier": "pipeline.tasks.distill:DistillClassifierTask",
 }
+
+
+def task_key(cfg) -> str:
+    """The task a config runs: its model kind, distilled from a teacher when distill.teacher is set."""
+    return f"distill:{cfg.model.kind}" if cfg.distill.teacher else cfg.model.kind
 
 
 def task_class(kind: str):
     if kind not in TASKS:
-        raise ValueError(f"model.kind: unknown kind {kind!r} (valid: {', '.join(TASKS)})")
+        raise ValueError(f"model.kind: no task for {kind!r} (valid: {', '.join(TASKS)})")
     module, name = TASKS[kind].split(":")
     return getattr(importlib.import_module(module), name)

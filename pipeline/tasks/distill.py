@@ -1,0 +1,141 @@
+"""Distillation into a classifier by function matching (Beyer et al. 2022, "a good teacher is patient
+and consistent").
+
+Teacher and student see the identical tensor: one augmentation applied once by the data stream, one
+mixup on that shared view, then KL(teacher || student) at temperature T, plus an optional loss on the
+labels. The teacher is any checkpoint REF the evaluation resolver understands: a classifier (its
+logits) or a CLIP model (its zero-shot head over class-name prompts). It is frozen, in eval mode, and
+lives outside the DeepSpeed engine, so it is never written into the student's checkpoints.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import Normalize
+
+from pipeline.config import Config, ConfigError
+from pipeline.data.shards import read_manifest
+from pipeline.tasks.classify import ClassifyTask, num_classes_of
+
+
+def teacher_hint(ref: str) -> str:
+    """When the teacher is a missing run of ours, name the command that produces it."""
+    name = Path(ref).name
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for path in sorted(configs.glob("*.yaml")):
+        if f"name: {name}\n" in path.read_text():
+            return f"; `launch pretrain --config configs/{path.name}` produces it"
+    return ""
+
+
+def load_teacher(cfg: Config):
+    from pipeline.evaluation.resolver import resolve
+
+    try:
+        return resolve(cfg.distill.teacher, cfg.distill.teacher_model)
+    except ValueError as err:
+        hint = teacher_hint(cfg.distill.teacher) if not os.path.exists(cfg.distill.teacher) else ""
+        raise ConfigError("distill.teacher", f"{err}{hint}") from None
+
+
+def zero_shot_prompts(cfg: Config) -> tuple[list[str], list]:
+    """Class names and templates for a CLIP teacher's zero-shot head."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from pipeline.evaluation.datasets import read_classnames, read_templates
+
+    if cfg.distill.zeroshot_classes:
+        folder = Path(cfg.distill.zeroshot_classes)
+        classnames, templates = read_classnames(folder), read_templates(folder)
+        if not classnames:
+            raise ConfigError("distill.zeroshot_classes", f"{folder} has no classnames.txt")
+        return classnames, templates or list(OPENAI_IMAGENET_TEMPLATES)
+    manifest = read_manifest(cfg.data.train) if os.path.isdir(cfg.data.train) else None
+    if not manifest or not manifest.get("classnames"):
+        raise ConfigError("distill.zeroshot_classes", "a CLIP teacher needs class names: set this folder "
+                          "or train on shards whose manifest lists classnames")
+    return list(manifest["classnames"]), list(OPENAI_IMAGENET_TEMPLATES)
+
+
+def _teacher_normalize(preprocess) -> Normalize | None:
+    for transform in getattr(preprocess, "transforms", []):
+        if isinstance(transform, Normalize):
+            return transform
+    return None
+
+
+class TeacherLogits(torch.nn.Module):
+    """Frozen teacher: student-normalised images -> class logits."""
+
+    def __init__(self, resolved, cfg: Config, device: torch.device):
+        super().__init__()
+        self.model = resolved.model.to(device).eval().requires_grad_(False)
+        self.kind = resolved.kind
+        # Our batches are normalised with data.mean/std; the teacher expects its own statistics.
+        student = torch.tensor(cfg.data.mean), torch.tensor(cfg.data.std)
+        norm = _teacher_normalize(resolved.preprocess)
+        teacher = (torch.tensor(norm.mean), torch.tensor(norm.std)) if norm else student
+        self.register_buffer("scale", (student[1] / teacher[1]).view(1, 3, 1, 1).to(device))
+        self.register_buffer("shift", ((student[0] - teacher[0]) / teacher[1]).view(1, 3, 1, 1).to(device))
+        self.head = None
+        if self.kind == "clip":
+            from pipeline.evaluation.zero_shot import LOGIT_SCALE, build_classifier
+
+            classnames, templates = zero_shot_prompts(cfg)
+            self.head = build_classifier(self.model, resolved.tokenizer, classnames, templates, device) * LOGIT_SCALE
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images * self.scale + self.shift
+        if self.head is None:
+            return self.model(images).float()
+        return F.normalize(self.model.encode_image(images).float(), dim=-1) @ self.head
+
+
+class DistillClassifierTask(ClassifyTask):
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        self.teacher = TeacherLogits(load_teacher(cfg), cfg, device)
+        self.temperature = cfg.distill.temperature
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        resolved = load_teacher(cfg)
+        if resolved.kind == "classifier":
+            classes = _classifier_outputs(resolved.model)
+            if classes != num_classes_of(cfg):
+                raise ConfigError("distill.teacher", f"teacher predicts {classes} classes, the student "
+                                  f"{num_classes_of(cfg)}")
+        else:
+            zero_shot_prompts(cfg)
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
+        images, labels = batch
+        if self.mixup is not None and len(labels) % 2:
+            images, labels = images[:-1], labels[:-1]
+        images, labels = self.images_to_device(images), labels.to(self.device, non_blocking=True)
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)  # the one shared view
+        with self.autocast_context():
+            teacher_logits = self.teacher(images)
+        student_logits = engine(images).float()
+        loss = self.cfg.distill.distill_weight * kl_teacher_student(teacher_logits, student_logits, self.temperature)
+        if self.cfg.distill.hard_label_weight > 0:
+            loss = loss + self.cfg.distill.hard_label_weight * self.loss_fn(student_logits, targets)
+        return loss, len(labels)
+
+
+def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p_teacher || p_student) at temperature T, times T^2 so gradients keep their scale across T."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def _classifier_outputs(model: torch.nn.Module) -> int:
+    return int(getattr(model, "num_classes", 0) or model.get_classifier().out_features)
