@@ -41,7 +41,8 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def first_run(ray_session, digits_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    final, run_dir = launch(tiny_run_overrides(out, digits_root, f"{digits_root}/labelled/train"))
+    final, run_dir = launch(tiny_run_overrides(out, digits_root, f"{digits_root}/labelled/train",
+                                               **{"optim.ema_decay": 0.9}))
     return out, final, run_dir
 
 
@@ -53,6 +54,7 @@ def test_two_worker_zero2_run_learns_and_writes_its_record(first_run):
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.3, [r["loss"] for r in train_rows]
     assert final["step"] == 48 and final["val_samples"] == 360  # every held-out sample, once
     assert final["val_top1"] > 30  # 10 classes: chance is 10%
+    assert final["val_ema_samples"] == 360 and 0 <= final["val_ema_top1"] <= 100  # the EMA weights, validated
     assert all(r["samples_per_second"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in train_rows)
     config_text = (run_dir / "config.yaml").read_text()
     assert "zero_stage: 2" in config_text and "resnet_nano" in config_text
@@ -71,8 +73,9 @@ def test_relaunch_resumes_at_next_step(first_run, digits_root):
     out, _, run_dir = first_run
     before = len(metrics_rows(run_dir))
     final, _ = launch(tiny_run_overrides(out, digits_root, f"{digits_root}/labelled/train",
-                                         **{"schedule.max_steps": 64}))
+                                         **{"schedule.max_steps": 64, "optim.ema_decay": 0.9}))
     new_rows = [r for r in metrics_rows(run_dir)[before:] if "loss" in r]
+    # (the relaunch keeps optim.ema_decay: the EMA weights come back from the checkpoint too)
     assert [r["step"] for r in new_rows] == [56, 64]  # continued from 48, not from 0
     assert final["step"] == 64
     # the resumed model kept what it learned: its loss starts near where the first run ended

@@ -1,0 +1,174 @@
+"""CLIP pieces without Ray: image-text shards (img2dataset layout, bad samples counted), weighted
+mixing, LiT locking, weight-decay groups, pretrained loading."""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from webdataset import TarWriter
+
+from pipeline.config import ContrastiveSection, DataSection, ModelSection
+from pipeline.data.image_text import image_text_loader
+from pipeline.data.mixing import MixedStream, SourceMix
+from pipeline.data.shards import Shard, resolve_shards
+from pipeline.models.clip import CLIP_NO_DECAY_NAMES, build_clip, get_tokenizer
+from pipeline.optim import param_groups
+from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_loss
+
+DATA = DataSection(image_size_px=32, val_crop_pct=1.0, num_workers_per_rank=0, shuffle_buffer=8)
+
+
+def jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_img2dataset_shard(path: Path, samples: list[dict]) -> None:
+    """img2dataset's layout: 9-digit keys, KEY.jpg + KEY.txt + KEY.json (url, caption, key, status)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with TarWriter(str(path)) as sink:
+        for i, sample in enumerate(samples):
+            sink.write({"__key__": f"{i:09d}", **sample})
+
+
+def meta(i: int, caption: str | None) -> bytes:
+    return json.dumps({"url": f"http://x/{i}.jpg", "caption": caption, "key": f"{i:09d}", "status": "success",
+                       "width": 40, "height": 40}).encode()
+
+
+def test_img2dataset_shards_read_with_bad_samples_skipped_and_counted(tmp_path):
+    good = [{"jpg": jpeg(i), "txt": f"a photo number {i}".encode(), "json": meta(i, f"a photo number {i}")}
+            for i in range(5)]
+    bad = [
+        {"jpg": jpeg(10), "json": meta(10, "caption only in the json")},  # read from json: not bad
+        {"jpg": jpeg(11), "json": meta(11, None)},  # no caption anywhere
+        {"jpg": jpeg(12), "txt": b"   \n"},  # empty caption
+        {"jpg": b"not a jpeg", "txt": b"a corrupt image"},
+        {"txt": b"a caption without an image"},
+    ]
+    write_img2dataset_shard(tmp_path / "00000.tar", good + bad)
+    tokenizer = get_tokenizer("clip-tiny-rn")
+    loader = image_text_loader([resolve_shards(str(tmp_path))], DATA, tokenizer, rank=0, world_size=1, seed=0,
+                               training=False, batch_size=4)
+    images, texts, skipped = [], [], Counter()
+    for (pixels, tokens), reasons in loader:
+        images.append(pixels)
+        texts.append(tokens)
+        skipped.update(reasons)
+    tokens = torch.cat(texts)
+    assert torch.cat(images).shape == (6, 3, 32, 32) and tokens.shape == (6, 32)
+    assert torch.equal(tokens[0], tokenizer(["a photo number 0"])[0])
+    assert torch.equal(tokens[5], tokenizer(["caption only in the json"])[0])
+    assert skipped == {"no caption": 1, "empty caption": 1, "corrupt image (UnidentifiedImageError)": 1,
+                       "no image": 1}
+
+
+def test_weighted_mixing_draws_sources_in_proportion_and_each_source_once_per_epoch():
+    sources = [[Shard("a.tar", 50)], [Shard("b.tar", 30)], [Shard("c.tar", 20)]]
+    mix = SourceMix(sources, (6.0, 3.0, 1.0), seed=0, shuffle_window=8)
+    drawn = [mix.source_of(p) for p in range(3 * 4096)]
+    share = np.bincount([s for s, _ in drawn], minlength=3) / len(drawn)
+    np.testing.assert_allclose(share, [0.6, 0.3, 0.1], atol=0.015)
+    for source in range(3):  # a source's own stream advances one sample per draw, never repeating
+        assert [i for s, i in drawn if s == source] == list(range(int(share[source] * len(drawn))))
+    # a source's epoch visits each of its samples once
+    first_epoch = [mix.locate(p) for p in range(2000) if mix.source_of(p)[1] < 30 and mix.source_of(p)[0] == 1]
+    assert sorted(index for _, _, index in first_epoch) == list(range(30))
+
+
+def test_mixed_stream_reads_shards_by_weight_and_resumes_at_the_next_batch(tmp_path):
+    sources = []
+    for name, count in (("big", 40), ("small", 10)):
+        path = tmp_path / name / "00000.tar"
+        write_img2dataset_shard(path, [{"txt": f"{name} {i}".encode()} for i in range(count)])
+        sources.append(resolve_shards(str(path.parent)))
+    decode = lambda raw: raw["txt"].decode().split()[0]  # noqa: E731 - the source's name
+
+    def batches(start):
+        from pipeline.data.stream import Position
+
+        stream = MixedStream(sources, (1.0, 3.0), rank=0, world_size=1, batch_size_per_rank=20, decode=decode,
+                             seed=3, shuffle_window=4, start=Position(0, start), collate=list)
+        it = iter(stream)
+        return [next(it) for _ in range(4)]
+
+    run = batches(0)
+    names = Counter(name for batch, _, _ in run for name in batch)
+    assert 0.65 < names["small"] / 80 < 0.85  # weights 1:3 although 'small' holds 1/5 of the samples
+    resumed = batches(run[1][2].offset)
+    assert [b for b, _, _ in resumed[:2]] == [b for b, _, _ in run[2:]]
+
+
+def _train_steps(model, steps: int = 3) -> None:
+    loss_fn = build_contrastive_loss(ContrastiveSection(), rank=0, world_size=1)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1, CLIP_NO_DECAY_NAMES), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        images = torch.randn(8, 3, 32, 32, generator=generator)
+        texts = torch.randint(1, 49406, (8, 32), generator=generator)
+        loss = contrastive_loss(loss_fn, model(images, texts))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_lit_locked_image_tower_and_bn_statistics_do_not_change():
+    cfg = ContrastiveSection(lock_image=True, lock_image_freeze_bn_stats=True)
+    model = build_clip(ModelSection(kind="clip", name="clip-tiny-rn"), cfg)
+    visual, text = _snapshot(model.visual), _snapshot(model.transformer)
+    _train_steps(model)
+    after = _snapshot(model.visual)
+    assert all(torch.equal(after[k], v) for k, v in visual.items())  # weights and BN running stats
+    assert any(not torch.equal(model.transformer.state_dict()[k], v) for k, v in text.items())
+
+
+def test_lit_partial_unlock_and_text_lock():
+    cfg = ContrastiveSection(lock_image=True, lock_image_unlocked_groups=1, lock_text=True,
+                             lock_text_unlocked_layers=1)
+    model = build_clip(ModelSection(kind="clip", name="clip-tiny-vit"), cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "visual.proj" in trainable and not any(n.startswith("visual.transformer") for n in trainable)
+    assert any(n.startswith("transformer.resblocks.1.") for n in trainable)
+    assert not any(n.startswith("transformer.resblocks.0.") or n.startswith("token_embedding") for n in trainable)
+    with pytest.raises(ValueError, match="lock_image_unlocked_groups"):
+        build_clip(ModelSection(kind="clip", name="clip-tiny-rn"), cfg)  # the RN tower locks whole
+
+
+def test_no_weight_decay_for_norms_biases_embeddings_and_logit_scale():
+    model = build_clip(ModelSection(kind="clip", name="clip-tiny-vit"), ContrastiveSection(loss="siglip"))
+    decay, no_decay = param_groups(model, 0.2, CLIP_NO_DECAY_NAMES)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "logit_bias", "positional_embedding", "token_embedding.weight",
+            "visual.class_embedding", "visual.positional_embedding", "ln_final.weight",
+            "visual.conv1.weight"} - exempt == {"visual.conv1.weight"}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert {"text_projection", "visual.proj", "visual.conv1.weight"} <= {names[id(p)] for p in decay["params"]}
+
+
+def test_pretrained_open_clip_file_loads_safely(tmp_path):
+    torch.manual_seed(5)
+    source = open_clip.create_model("clip-tiny-vit")  # open_clip's own format: a 0-d logit scale
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    model = build_clip(ModelSection(kind="clip", name="clip-tiny-vit", pretrained_path=str(tmp_path / "weights.pt")),
+                       ContrastiveSection())
+    assert torch.equal(model.visual.proj, source.visual.proj)
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == source.logit_scale.item()
+    torch.save({"state_dict": source.state_dict(), "code": Counter()}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="refused"):
+        build_clip(ModelSection(kind="clip", name="clip-tiny-vit", pretrained_path=str(tmp_path / "pickled.pt")),
+                   ContrastiveSection())
