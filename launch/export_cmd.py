@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.evaluation.export import EXPORTERS, export
-from pipeline.evaluation.resolver import resolve
+EXPORT_FORMATS = ("open_clip", "safetensors", "timm")  # pipeline.evaluation.export.EXPORTERS, imported lazily
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="REF",
                         help="run dir, checkpoint dir, exported .safetensors, or open_clip/timm weights file")
-    parser.add_argument("--format", required=True, choices=sorted(EXPORTERS), dest="export_format")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format")
     parser.add_argument("--output", required=True, metavar="PATH", help=".safetensors, .bin, .pt or .pth file")
     parser.add_argument("--model", metavar="NAME", help="architecture of a weights file (as in `launch eval`)")
     parser.set_defaults(func=run)
@@ -33,6 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.export import export
+    from pipeline.evaluation.resolver import resolve
+
     resolved = resolve(args.checkpoint, args.model)
     written = export(resolved, args.export_format, Path(args.output))
     print(json.dumps({"model": resolved.model_name, "library": resolved.library, "step": resolved.step,

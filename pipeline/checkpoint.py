@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -134,11 +135,15 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError and friends: the file wants arbitrary code
-        raise ValueError(
-            f"{path}: refused to load: it needs more than tensors to unpickle ({type(err).__name__}); "
-            "convert it to safetensors or a plain state dict"
-        ) from None
+    except pickle.UnpicklingError as err:
+        if "allowed global" in str(err):  # torch refused a global: the file wants to run code
+            raise ValueError(
+                f"{path}: refused to load: it needs more than tensors to unpickle; "
+                "convert it to safetensors or a plain state dict"
+            ) from None
+        raise ValueError(f"{path}: corrupt or not a PyTorch weights file ({err})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated or not a torch file
+        raise ValueError(f"{path}: corrupt or not a PyTorch weights file ({type(err).__name__}: {err})") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(blob, dict) and isinstance(blob.get(key), dict):
             blob = blob[key]

@@ -25,6 +25,10 @@ from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_
 DATA = DataSection(image_size_px=32, val_crop_pct=1.0, num_workers_per_rank=0, shuffle_buffer=8)
 
 
+class Payload:
+    """Stands for arbitrary pickled code inside a weights file."""
+
+
 def jpeg(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -58,7 +62,7 @@ def test_img2dataset_shards_read_with_bad_samples_skipped_and_counted(tmp_path):
     write_img2dataset_shard(tmp_path / "00000.tar", good + bad)
     tokenizer = get_tokenizer("clip-tiny-rn")
     loader = image_text_loader([resolve_shards(str(tmp_path))], DATA, tokenizer, rank=0, world_size=1, seed=0,
-                               training=False, batch_size=4)
+                               training=False, batch_size=16)
     images, texts, skipped = [], [], Counter()
     for (pixels, tokens), reasons in loader:
         images.append(pixels)
@@ -142,8 +146,13 @@ def test_lit_partial_unlock_and_text_lock():
     model = build_clip(ModelSection(kind="clip", name="clip-tiny-vit"), cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "visual.proj" in trainable and not any(n.startswith("visual.transformer") for n in trainable)
-    assert any(n.startswith("transformer.resblocks.1.") for n in trainable)
-    assert not any(n.startswith("transformer.resblocks.0.") or n.startswith("token_embedding") for n in trainable)
+    # open_clip's text groups: embeddings, each block but the last, [last block, ln_final], projection
+    assert {n for n in trainable if not n.startswith("visual")} == {"text_projection", "logit_scale"}
+    model = build_clip(ModelSection(kind="clip", name="clip-tiny-vit"),
+                       ContrastiveSection(lock_text=True, lock_text_unlocked_layers=2))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("visual")}
+    assert "transformer.resblocks.1.mlp.c_fc.weight" in trainable and "ln_final.weight" in trainable
+    assert not any(n.startswith(("transformer.resblocks.0.", "token_embedding")) for n in trainable)
     with pytest.raises(ValueError, match="lock_image_unlocked_groups"):
         build_clip(ModelSection(kind="clip", name="clip-tiny-rn"), cfg)  # the RN tower locks whole
 
@@ -168,7 +177,7 @@ def test_pretrained_open_clip_file_loads_safely(tmp_path):
                        ContrastiveSection())
     assert torch.equal(model.visual.proj, source.visual.proj)
     assert model.logit_scale.shape == (1,) and model.logit_scale.item() == source.logit_scale.item()
-    torch.save({"state_dict": source.state_dict(), "code": Counter()}, tmp_path / "pickled.pt")
+    torch.save({"state_dict": source.state_dict(), "code": Payload()}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="refused"):
         build_clip(ModelSection(kind="clip", name="clip-tiny-vit", pretrained_path=str(tmp_path / "pickled.pt")),
                    ContrastiveSection())

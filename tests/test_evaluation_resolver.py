@@ -120,3 +120,12 @@ def test_library_lookup(tmp_path, clip_name):
     config = tmp_path / "my-arch.json"
     config.write_text(json.dumps(TINY_CLIP_CONFIG))
     assert library_for(str(config)) == ("open_clip", "my-arch")
+
+
+def test_corrupt_weights_file_is_called_corrupt(tmp_path):
+    from pipeline.checkpoint import load_weights_file
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match="corrupt or not a PyTorch weights file"):
+        load_weights_file(bad)

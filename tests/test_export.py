@@ -88,14 +88,27 @@ def test_timm_export_of_our_checkpoint_loads_in_timm(tmp_path):
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
 
-def test_our_own_architecture_exports_to_safetensors_not_timm(tmp_path):
+def test_our_own_architecture_exports_to_timm_and_safetensors(tmp_path):
     run_dir, model = _our_run(tmp_path, "resnet_nano", step=70)
     resolved = resolve(str(run_dir))
-    with pytest.raises(ValueError, match="not a timm-registered architecture"):
-        export(resolved, "timm", tmp_path / "nano.pth")
+    # resnet_nano is registered with timm by pipeline.models: timm loads the export by name
+    (timm_file,) = export(resolved, "timm", tmp_path / "nano.pth")
+    import timm
+
+    loaded = timm.create_model("resnet_nano", num_classes=resolved.model.num_classes,
+                               checkpoint_path=str(timm_file)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(images), resolved.model(images), atol=1e-6)
     with pytest.raises(ValueError, match="is a timm architecture"):
         export(resolved, "open_clip", tmp_path / "nano.bin")
     (path,) = export(resolved, "safetensors", tmp_path / "nano.safetensors")
     again = resolve(str(path))
     assert (again.step, again.model_name, again.source) == (70, "resnet_nano", "export")
     assert again.content_sha256 == resolved.content_sha256 == state_dict_sha256(model.state_dict())
+
+
+def test_cli_export_formats_match_the_exporters():
+    from launch.export_cmd import EXPORT_FORMATS
+    from pipeline.evaluation.export import EXPORTERS
+
+    assert sorted(EXPORT_FORMATS) == sorted(EXPORTERS)

@@ -53,6 +53,12 @@ class DecodeImageText:
         return image, self.tokenizer([caption])[0]
 
 
+def as_is(item):
+    """The streams batch themselves. DataLoader's default (default_convert) would copy the skip Counter
+    and then update() the copy with the same counts, doubling every reason."""
+    return item
+
+
 def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable, rank: int, world_size: int,
                       seed: int, training: bool, batch_size: int, weights: tuple[float, ...] | None = None,
                       start: Position = Position()) -> DataLoader:
@@ -72,6 +78,6 @@ def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable,
         stream = EvalStream([s for source in sources for s in source], rank, world_size, batch_size, decode)
     workers = data_cfg.num_workers_per_rank
     return DataLoader(
-        stream, batch_size=None, num_workers=workers, persistent_workers=False,
+        stream, batch_size=None, collate_fn=as_is, num_workers=workers, persistent_workers=False,
         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
     )

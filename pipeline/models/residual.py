@@ -10,20 +10,39 @@ from typing import Callable
 
 import timm
 import torch
+from timm.models import register_model
 from timm.models.resnet import BasicBlock, ResNet
 
 from pipeline.checkpoint import load_weights_file
 
 
+_TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
 def _tiny_resnet(channels: tuple[int, ...], **kwargs) -> ResNet:
     # BasicBlock x [1,1,1,1]: the smallest real ResNet; trains on 32 px digits in seconds on a CPU.
+    # timm.create_model passes its factory bookkeeping along; the ResNet class takes none of it.
+    kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_FACTORY_KWARGS}
     return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=channels, **kwargs)
+
+
+@register_model
+def resnet_tiny(pretrained: bool = False, **kwargs) -> ResNet:
+    """BasicBlock x [1,1,1,1], 64-512 channels (4.9M params): registered with timm, so our checkpoints
+    exported in timm's format load with timm.create_model('resnet_tiny') after importing pipeline.models."""
+    return _tiny_resnet((64, 128, 256, 512), **kwargs)
+
+
+@register_model
+def resnet_nano(pretrained: bool = False, **kwargs) -> ResNet:
+    """BasicBlock x [1,1,1,1], 16-128 channels (0.3M params), for tests."""
+    return _tiny_resnet((16, 32, 64, 128), **kwargs)
 
 
 RESIDUAL_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     # name -> factory(num_classes=, drop_path_rate=, zero_init_last=)
-    "resnet_tiny": functools.partial(_tiny_resnet, (64, 128, 256, 512)),  # 4.9M params
-    "resnet_nano": functools.partial(_tiny_resnet, (16, 32, 64, 128)),  # 0.3M params, for tests
+    "resnet_tiny": resnet_tiny,
+    "resnet_nano": resnet_nano,
     **{
         name: functools.partial(timm.create_model, name, pretrained=False)
         for name in (

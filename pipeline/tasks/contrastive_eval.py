@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import zeroshot_entry
-from pipeline.data.image_text import image_text_loader
+from pipeline.data.image_text import as_is, image_text_loader
 from pipeline.data.labelled import DecodeLabelled, eval_transform
 from pipeline.data.shards import Shard, resolve_shards
 from pipeline.data.stream import EvalStream
@@ -60,7 +60,8 @@ def _labelled_batches(data_dir: Path, transform, rank: int, world_size: int, bat
     """The stage's Batch objects from the training reader: each rank reads its share, every sample once."""
     split_dir = datasets.find_shards(data_dir, ZEROSHOT_SPLIT)[0].parent
     stream = EvalStream(resolve_shards(str(split_dir)), rank, world_size, batch_size, DecodeLabelled(transform))
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=as_is, num_workers=num_workers,
+                                         persistent_workers=False)
     for (images, labels), skipped in loader:
         yield datasets.Batch(images=images, labels=labels, skipped=dict(skipped))
 
