@@ -98,7 +98,8 @@ def test_cli_too_few_samples_for_one_global_batch(tmp_path, digits_root):
     assert "fewer than one global batch" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["resnet50_a3", "resnet50_sgd", "smoke_resnet"])
+@pytest.mark.parametrize("name", ["resnet50_a3", "resnet50_sgd", "smoke_resnet", "smoke_distill",
+                                  "distill_resnet50_fm"])
 def test_shipped_recipes_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.model.kind == "classifier"
