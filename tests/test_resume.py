@@ -167,3 +167,42 @@ def test_retention_keeps_last_k_and_every_mth_and_never_the_only_complete(tmp_pa
     assert checkpoint.find_latest_complete(tmp_path).name == "step_00000500"
     checkpoint.apply_retention(tmp_path, keep_last=1, keep_every=0)
     assert [p.name for p in checkpoint.list_complete(tmp_path)] == ["step_00000500"]
+
+
+def test_corrupt_samples_are_skipped_and_counted_once(tmp_path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from pipeline.config import DataSection
+    from pipeline.data.labelled import labelled_loader
+    from pipeline.data.shards import Shard
+
+    def jpeg() -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (10, 200, 30)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    path = tmp_path / "000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(40):
+            bad = i in (3, 18, 19, 20)  # 18-20 is a whole evaluation batch of rank 0: nothing decodable
+            sink.write({"__key__": f"s{i:03d}", "jpg": b"\xff\xd8 not a jpeg" if bad else jpeg(),
+                        "cls": b"nine" if i == 25 else b"1"})
+    shards = [Shard(str(path), 40)]
+    data = DataSection(train=str(path), image_size_px=16, num_workers_per_rank=2)
+    skipped, samples = collections.Counter(), 0
+    for rank in range(2):
+        for (images, labels), reasons in labelled_loader(shards, data, rank, 2, 0, training=False, batch_size=3):
+            skipped.update(reasons)
+            samples += len(labels)
+    assert samples == 35
+    assert skipped == {"corrupt image (UnidentifiedImageError)": 4, "bad label": 1}
+    # training: the first epoch (40 // 8 = 5 global micro-batches = all 40 samples) counts the same
+    skipped = collections.Counter()
+    for rank in range(2):
+        loader = labelled_loader(shards, data, rank, 2, 0, training=True, batch_size=4)
+        for _, (_, reasons, position) in zip(range(5), loader):
+            skipped.update(reasons)
+    assert skipped == {"corrupt image (UnidentifiedImageError)": 4, "bad label": 1}

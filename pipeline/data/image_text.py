@@ -16,7 +16,7 @@ from pipeline.data.labelled import decode_image, eval_transform, train_transform
 from pipeline.data.mixing import MixedStream
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
-from pipeline.data.stream import EvalStream, Position, ResumableStream
+from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
 
 
 def read_caption(raw: dict) -> str:
@@ -53,10 +53,6 @@ class DecodeImageText:
         return image, self.tokenizer([caption])[0]
 
 
-def as_is(item):
-    """The streams batch themselves. DataLoader's default (default_convert) would copy the skip Counter
-    and then update() the copy with the same counts, doubling every reason."""
-    return item
 
 
 def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable, rank: int, world_size: int,

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
-from pipeline.data.stream import EvalStream, Position, ResumableStream
+from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -68,6 +68,6 @@ def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, s
         stream = EvalStream(shards, rank, world_size, batch_size, DecodeLabelled(eval_transform(data_cfg)))
     workers = data_cfg.num_workers_per_rank
     return DataLoader(
-        stream, batch_size=None, num_workers=workers, persistent_workers=False,
+        stream, batch_size=None, collate_fn=as_is, num_workers=workers, persistent_workers=False,
         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
     )

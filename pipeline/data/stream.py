@@ -131,6 +131,13 @@ class TarSamples:
         return raw
 
 
+def as_is(item):
+    """collate_fn for DataLoader(batch_size=None): the streams batch themselves. DataLoader's default
+    (default_convert) would copy the skip Counter and then update() the copy with the same counts,
+    doubling every reason."""
+    return item
+
+
 def seed_sample_rng(seed: int, epoch: int, position: int) -> None:
     """Augmentation randomness of a sample depends only on the sample, never on worker or resume."""
     value = _seed(seed, epoch, position, 0x77)
@@ -197,14 +204,24 @@ class EvalStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         store = TarSamples()
         mine = range(self.rank * self.batch_size, self.layout.num_samples, self.batch_size * self.world_size)
+        # One batch of lookahead: skips from a batch with nothing decodable ride on a neighbouring batch
+        # (the next one, or the previous one at the end), so every skip is counted. Only a worker whose
+        # every batch is undecodable has nothing to carry its count.
+        pending, ready = collections.Counter(), None
         for k, begin in enumerate(mine):
             if k % workers != worker:
                 continue
-            items, skipped = [], collections.Counter()
+            items = []
             for position in range(begin, min(begin + self.batch_size, self.layout.num_samples)):
                 try:
                     items.append(self.decode(store.read(*self.layout.locate(position))))
                 except SkipSample as why:
-                    skipped.update([str(why)])
-            if items:
-                yield self.collate(items), skipped
+                    pending.update([str(why)])
+            if not items:
+                continue
+            if ready is not None:
+                yield ready
+            ready, pending = (self.collate(items), pending), collections.Counter()
+        if ready is not None:
+            ready[1].update(pending)
+            yield ready
