@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     decode = choose_decode(args.decode, cfg, args.interpolation)
     loader = build_loader(cfg, shards, kind, decode, args.interpolation)
     workers = cfg.data.num_workers_per_rank
+    if workers == 0:
+        torch.set_num_threads(1)  # one core, as a DataLoader worker has (and as the per-core figure says)
     warmup = args.warmup if args.warmup is not None else max(2, 2 * workers)
     total = sum(s.num_samples for s in shards)
     print(f"[benchmark-data] {kind} shards: {cfg.data.train} ({len(shards)} shards, {total} samples); "

@@ -104,19 +104,3 @@ def _run_plan(path: Path) -> int:
     (plan.output_dir / "summary.md").write_text(table + "\n")
     print(table)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m launch.eval_cmd TASK ...` without the full launcher."""
-    parser = argparse.ArgumentParser(prog="launch")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 EXPORT_FORMATS = ("open_clip", "safetensors", "timm")  # pipeline.evaluation.export.EXPORTERS, imported lazily
@@ -40,19 +39,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"model": resolved.model_name, "library": resolved.library, "step": resolved.step,
                       "content_sha256": resolved.content_sha256, "files": [str(p) for p in written]}, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m launch.export_cmd ...` without the full launcher."""
-    parser = argparse.ArgumentParser(prog="launch")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from launch import eval_cmd, export_cmd
+from launch.cli import main as launch_main
 from test_evaluation_helpers import labelled_samples, random_images, register_tiny_clip, tiny_clip, write_shards
 
 
@@ -68,7 +69,7 @@ def test_user_errors_are_value_errors(launcher, setup, extra, message):
 
 def test_standalone_main_prints_one_line(setup, capsys):
     name, weights, data = setup
-    assert eval_cmd.main(["classify", "--checkpoint", str(weights), "--model", name, "--data", str(data)]) == 2
+    assert launch_main(["eval", "classify", "--checkpoint", str(weights), "--model", name, "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: eval classify: needs a classifier model") and err.count("\n") == 1
 

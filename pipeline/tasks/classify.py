@@ -68,17 +68,21 @@ class ClassifyTask(Task):
         return iter(labelled_loader(self.train_shards, cfg.data, rank, world_size, seed=cfg.run.seed,
                                     training=True, batch_size=cfg.data.batch_size_per_rank, start=start))
 
-    def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
+    def mixed_view(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch on the device, mixed up when configured: (images, targets)."""
         images, labels = batch
         if self.mixup is not None and len(labels) % 2:
             # A skipped corrupt sample left an odd batch; mixup pairs samples, so one more sits out.
             images, labels = images[:-1], labels[:-1]
         images, labels = self.images_to_device(images), labels.to(self.device, non_blocking=True)
-        targets = labels
-        if self.mixup is not None:
-            images, targets = self.mixup(images, labels)
+        if self.mixup is None:
+            return images, labels
+        return self.mixup(images, labels)
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
+        images, targets = self.mixed_view(batch)
         logits = engine(images)
-        return self.loss_fn(logits.float(), targets), len(labels)
+        return self.loss_fn(logits.float(), targets), len(images)
 
     @torch.no_grad()
     def evaluate(self, module, rank, world_size) -> dict:

@@ -114,20 +114,14 @@ class DistillClassifierTask(ClassifyTask):
             zero_shot_prompts(cfg)
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
-        images, labels = batch
-        if self.mixup is not None and len(labels) % 2:
-            images, labels = images[:-1], labels[:-1]
-        images, labels = self.images_to_device(images), labels.to(self.device, non_blocking=True)
-        targets = labels
-        if self.mixup is not None:
-            images, targets = self.mixup(images, labels)  # the one shared view
+        images, targets = self.mixed_view(batch)  # augmented once by the stream, mixed once: the shared view
         with self.autocast_context():
             teacher_logits = self.teacher(images)
         student_logits = engine(images).float()
         loss = self.cfg.distill.distill_weight * kl_teacher_student(teacher_logits, student_logits, self.temperature)
         if self.cfg.distill.hard_label_weight > 0:
             loss = loss + self.cfg.distill.hard_label_weight * self.loss_fn(student_logits, targets)
-        return loss, len(labels)
+        return loss, len(images)
 
 
 def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
