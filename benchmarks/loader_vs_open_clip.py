@@ -37,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 REF_VENV = Path(os.environ.get("OPENCLIP_VENV", "/tmp/bench/openclip-venv"))
-OURS_LINE = re.compile(r"([\d.]+) samples/s, ([\d.]+) samples/s per core .*?(?:; ([\d.]+) samples per CPU-second)?$")
+OURS_LINE = re.compile(r"([\d.]+) samples/s, ([\d.]+) samples/s per core .*?(?:; ([\d.]+) samples per CPU-second.*)?$")
 
 
 def ensure_shards(shards: Path, samples: int) -> None:

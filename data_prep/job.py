@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from data_prep.dedup import HashRegistry, RayHashRegistry
 from data_prep.manifest import build_manifest, write_dataset_metadata
 from data_prep.partition import OK, PartitionResult, PartitionTask, process_partition, read_stats, stats_path
-from data_prep.rows import DUPLICATE_KEY_COL, RowSpec
+from data_prep.rows import DUPLICATE_KEY_COL, EVAL_KINDS, RowSpec
 from data_prep.writer import ShardRecord, write_bytes_atomic
 
 JOB_FILE = "_job.json"
@@ -69,8 +69,8 @@ def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOp
     _check_identity(out_dir, spec, sources, job)
     if spec.key_col is not None:
         sources = _mark_duplicate_keys(sources, spec.key_col)
-    tasks = plan_partitions(sources, job.shard_size)
-    todo = [t for t in tasks if _needs_run(out_dir, t.shard_index, job.retry_failed)]
+    tasks = plan_partitions(sources, job.shard_size, eval_layout=spec.kind in EVAL_KINDS)
+    todo = [t for t in tasks if _needs_run(out_dir, t, job.retry_failed)]
     num_rows = sum(t.rows.num_rows for t in todo)
     with _progress(num_rows, job.show_progress) as advance:
         _execute(spec, todo, out_dir, job, _seen_hashes(out_dir, tasks) if job.dedup else None,
@@ -81,8 +81,10 @@ def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOp
     return JobReport(manifest, len(todo), time.monotonic() - start)
 
 
-def plan_partitions(sources: Iterable[SourceTable], shard_size: int) -> list[PartitionTask]:
-    """Consecutive row ranges of each source; shard numbers run on across sources."""
+def plan_partitions(sources: Iterable[SourceTable], shard_size: int,
+                    eval_layout: bool = False) -> list[PartitionTask]:
+    """Consecutive row ranges of each source; shard numbers run on across sources.
+    `eval_layout`: CLIP_benchmark shard names `0.tar, 1.tar, ...` (see PartitionTask)."""
     tasks: list[PartitionTask] = []
     global_row = 0
     key_digits = len(str(shard_size - 1))
@@ -90,7 +92,7 @@ def plan_partitions(sources: Iterable[SourceTable], shard_size: int) -> list[Par
         for first in range(0, src.table.num_rows, shard_size):
             rows = src.table.slice(first, shard_size)
             tasks.append(PartitionTask(len(tasks), src.source, src.base_dir, first, global_row,
-                                       rows, key_digits))
+                                       rows, key_digits, eval_layout))
             global_row += rows.num_rows
     return tasks
 
@@ -102,6 +104,8 @@ def _check_identity(out_dir: Path, spec: RowSpec, sources: list[SourceTable], jo
     identity = json.loads(json.dumps({
         "spec": spec_dict, "shard_size": job.shard_size, "dedup": job.dedup,
         "inputs": [{"source": s.source, "num_rows": s.table.num_rows} for s in sources],
+        # Eval sets switched to unpadded shard names: never resume one written with `00000.tar`.
+        **({"shard_names": "unpadded"} if spec.kind in EVAL_KINDS else {}),
     }))
     path = out_dir / JOB_FILE
     if path.is_file():
@@ -133,8 +137,8 @@ def _mark_duplicate_keys(sources: list[SourceTable], key_col: str) -> list[Sourc
     return marked
 
 
-def _needs_run(out_dir: Path, shard_index: int, retry_failed: bool) -> bool:
-    path = stats_path(out_dir, shard_index)
+def _needs_run(out_dir: Path, task: PartitionTask, retry_failed: bool) -> bool:
+    path = stats_path(out_dir, task)
     if not path.is_file():
         return True
     if not retry_failed:
@@ -148,7 +152,7 @@ def _seen_hashes(out_dir: Path, tasks: list[PartitionTask]) -> list[str]:
     scratch; those with stats keep their ok rows, even under --retry-failed."""
     seen: list[str] = []
     for task in tasks:
-        path = stats_path(out_dir, task.shard_index)
+        path = stats_path(out_dir, task)
         if path.is_file():
             _, table = read_stats(path)
             ok = table.filter(pc.equal(table.column("status"), OK))
@@ -180,8 +184,8 @@ def _finalize(out_dir: Path, spec: RowSpec, tasks: list[PartitionTask], sources:
     if unreadable:
         rejected["unreadable_row"] = rejected.get("unreadable_row", 0) + unreadable
     for task in tasks:
-        record, table = read_stats(stats_path(out_dir, task.shard_index))
-        if record.num_samples:
+        record, table = read_stats(stats_path(out_dir, task))
+        if record.num_samples or task.eval_layout:  # eval shards stay 0..N-1, empty ones included
             shards.append(record)
         for status, count in zip(*_value_counts(table.column("status"))):
             if status != OK:
@@ -192,7 +196,7 @@ def _finalize(out_dir: Path, spec: RowSpec, tasks: list[PartitionTask], sources:
     manifest = build_manifest(spec.kind, shards, source=source_info, options=options,
                               rejected=rejected, classnames=spec.classnames or None)
     manifest["num_input_rows"] = sum(t.rows.num_rows for t in tasks) + sum(extra_rejected.values()) + unreadable
-    manifest["stats_files"] = [stats_path(out_dir, t.shard_index).name for t in tasks]
+    manifest["stats_files"] = [stats_path(out_dir, t).name for t in tasks]
     manifest.update(manifest_extra)
     write_dataset_metadata(out_dir, manifest, split=split, dataset_name=dataset_name)
     return manifest

@@ -44,6 +44,14 @@ class PartitionTask:
     rows: pa.Table
     key_digits: int
     """Width of the row offset in default keys (shard index then offset, like img2dataset)."""
+    eval_layout: bool = False
+    """CLIP_benchmark eval-set layout: shards named `0.tar`, `1.tar`, ... (not `00000.tar`), and a
+    partition whose rows were all rejected still writes an (empty) tar, so the shards always run
+    0..N-1 without a gap, as CLIP_benchmark's `{0..N-1}.tar` from nshards.txt expects."""
+
+    @property
+    def shard_file(self) -> str:
+        return shard_name(self.shard_index, padded=not self.eval_layout)
 
 
 @dataclass
@@ -53,8 +61,9 @@ class PartitionResult:
     status_counts: dict[str, int] = field(default_factory=dict)
 
 
-def stats_path(out_dir: Path, shard_index: int) -> Path:
-    return Path(out_dir) / (shard_name(shard_index)[: -len(".tar")] + STATS_SUFFIX)
+def stats_path(out_dir: Path, task: PartitionTask) -> Path:
+    """`00000.stats.parquet` next to `00000.tar` (`0.stats.parquet` in the eval-set layout)."""
+    return Path(out_dir) / (task.shard_file[: -len(".tar")] + STATS_SUFFIX)
 
 
 def read_stats(path: Path) -> tuple[ShardRecord, pa.Table]:
@@ -69,7 +78,7 @@ def process_partition(spec: RowSpec, task: PartitionTask, out_dir: str, num_thre
     out = Path(out_dir)
     rows = task.rows.to_pylist()
     keys = [_key(spec, task, offset, row) for offset, row in enumerate(rows)]
-    previous = _previous_outcome(out, task.shard_index) if retry_failed else None
+    previous = _previous_outcome(out, task) if retry_failed else None
     todo = [i for i in range(len(rows)) if previous is None or previous[0][i]["status"] != OK]
     outcomes: dict[int, BuiltRow | RowRejected] = dict(zip(todo, _build_all(
         spec, task, [rows[i] for i in todo], [keys[i] for i in todo], todo, num_threads)))
@@ -82,8 +91,8 @@ def process_partition(spec: RowSpec, task: PartitionTask, out_dir: str, num_thre
         if isinstance(outcome, BuiltRow):
             samples[keys[offset]] = outcome.sample
     ordered = [samples[keys[i]] for i in range(len(rows)) if statuses[i]["status"] == OK]
-    record = _write_tar(out, task.shard_index, ordered)
-    _write_stats(stats_path(out, task.shard_index), statuses, record)
+    record = _write_tar(out, task, ordered)
+    _write_stats(stats_path(out, task), statuses, record)
     counts: dict[str, int] = {}
     for status in statuses:
         counts[status["status"]] = counts.get(status["status"], 0) + 1
@@ -147,9 +156,9 @@ def _status(task: PartitionTask, offset: int, row: dict, key: str,
     return status
 
 
-def _write_tar(out: Path, shard_index: int, samples: list[Sample]) -> ShardRecord:
-    path = out / shard_name(shard_index)
-    if not samples:
+def _write_tar(out: Path, task: PartitionTask, samples: list[Sample]) -> ShardRecord:
+    path = out / task.shard_file
+    if not samples and not task.eval_layout:
         path.unlink(missing_ok=True)  # an empty shard would only confuse loaders
         return ShardRecord(path.name, 0, 0, "")
     return write_shard(path, samples)
@@ -163,9 +172,9 @@ def _write_stats(path: Path, statuses: list[dict], record: ShardRecord) -> None:
     partial.replace(path)
 
 
-def _previous_outcome(out: Path, shard_index: int) -> tuple[list[dict], dict[str, Sample]] | None:
+def _previous_outcome(out: Path, task: PartitionTask) -> tuple[list[dict], dict[str, Sample]] | None:
     """Statuses and kept samples of an earlier complete run of this partition, for --retry-failed."""
-    path = stats_path(out, shard_index)
+    path = stats_path(out, task)
     if not path.is_file():
         return None
     record, table = read_stats(path)

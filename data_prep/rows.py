@@ -16,6 +16,8 @@ from data_prep.images import EncodedImage, ImageOptions, RowRejected, process_im
 from data_prep.writer import Sample
 
 SAMPLE_KINDS = ("image_text", "labelled", "zeroshot", "retrieval")
+# Evaluation sets (`data-prep eval-set`): CLIP_benchmark layout, shards named 0.tar, 1.tar, ...
+EVAL_KINDS = ("zeroshot", "retrieval")
 IMAGE_SOURCES = ("url", "path", "bytes")
 # Column the driver adds when --key-col repeats a key; the first occurrence keeps the key.
 DUPLICATE_KEY_COL = "__data_prep_duplicate_key"

@@ -17,9 +17,11 @@ _TAR_MTIME = 1_700_000_000.0
 _PARTIAL_SUFFIX = ".partial"
 
 
-def shard_name(index: int) -> str:
-    """`00000.tar`: zero-padded so lexical order equals shard order."""
-    return f"{index:05d}.tar"
+def shard_name(index: int, padded: bool = True) -> str:
+    """`00000.tar` (zero-padded: lexical order equals shard order, like img2dataset) for training
+    shards; `0.tar`, `1.tar`, ... (`padded=False`) for eval sets, because CLIP_benchmark's
+    webdataset loader opens `{0..N-1}.tar` with N from nshards.txt."""
+    return f"{index:05d}.tar" if padded else f"{index}.tar"
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,9 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> ShardRecord:
 
 
 def write_shards(out_dir: Path, samples: Iterable[Sample], samples_per_shard: int,
-                 first_index: int = 0) -> list[ShardRecord]:
-    """Cut a sample stream into consecutive shards of `samples_per_shard` (the last may be short)."""
+                 first_index: int = 0, padded: bool = True) -> list[ShardRecord]:
+    """Cut a sample stream into consecutive shards of `samples_per_shard` (the last may be short),
+    named by `shard_name(index, padded)`."""
     assert samples_per_shard > 0
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[ShardRecord] = []
@@ -96,10 +99,10 @@ def write_shards(out_dir: Path, samples: Iterable[Sample], samples_per_shard: in
     for sample in samples:
         batch.append(sample)
         if len(batch) == samples_per_shard:
-            records.append(write_shard(out_dir / shard_name(first_index + len(records)), batch))
+            records.append(write_shard(out_dir / shard_name(first_index + len(records), padded), batch))
             batch = []
     if batch:
-        records.append(write_shard(out_dir / shard_name(first_index + len(records)), batch))
+        records.append(write_shard(out_dir / shard_name(first_index + len(records), padded), batch))
     return records
 
 

@@ -63,8 +63,46 @@ def test_sample_contents(digits_root: Path) -> None:
     zeroshot = digits_root / "zeroshot"
     assert (zeroshot / "classnames.txt").read_text().split() == list(CLASSNAMES)
     assert "{c}" in (zeroshot / "zeroshot_classification_templates.txt").read_text()
-    exts = {n.rsplit(".", 1)[1] for n in _members(zeroshot / "test/00000.tar")}
+    exts = {n.rsplit(".", 1)[1] for n in _members(zeroshot / "test/0.tar")}
     assert exts == {"cls", "jpg"}
+
+
+def test_zeroshot_shards_use_clip_benchmark_names(digits_root: Path) -> None:
+    """CLIP_benchmark opens test/{0..N-1}.tar with N from nshards.txt; training shards stay padded."""
+    test = digits_root / "zeroshot/test"
+    nshards = int((test / "nshards.txt").read_text())
+    names = [f"{i}.tar" for i in range(nshards)]
+    manifest = json.loads((test / "manifest.json").read_text())
+    assert nshards >= 2 and [s["name"] for s in manifest["shards"]] == names
+    assert sorted(p.name for p in test.glob("*.tar")) == sorted(names)
+    assert list(json.loads((test / "sizes.json").read_text())) == names
+    assert json.loads((test / "_info.json").read_text())["splits"]["test"]["filenames"] == names
+    assert sum(len(_members(test / n)) for n in names) == 2 * manifest["num_samples"]
+    assert (digits_root / "labelled/train/00000.tar").is_file()
+    assert (digits_root / "image_text/val/00000.tar").is_file()
+    assert main(["verify", str(digits_root)]) == 0
+
+
+def test_legacy_zeroshot_names_are_rewritten(tmp_path: Path, digits_root: Path) -> None:
+    """A corpus from before the rename (zeroshot/test/00000.tar) gets its zero-shot set rebuilt."""
+    import shutil
+
+    root = tmp_path / "old"
+    shutil.copytree(digits_root, root)
+    test = root / "zeroshot/test"
+    manifest = json.loads((test / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        old = f"{int(shard['name'][:-4]):05d}.tar"
+        (test / shard["name"]).rename(test / old)
+        shard["name"] = old
+    (test / "manifest.json").write_text(json.dumps(manifest))
+    before = (root / "labelled/train/manifest.json").read_text()
+    assert write_digits_corpus(root) == root
+    assert not (test / "00000.tar").exists() and (test / "0.tar").is_file()
+    assert (test / "manifest.json").read_text() != json.dumps(manifest)
+    assert (root / "labelled/train/manifest.json").read_text() == before
+    assert sorted(p.name for p in root.iterdir()) == ["image_text", "labelled", "zeroshot"]
+    assert main(["verify", str(root)]) == 0
 
 
 def test_train_and_val_are_disjoint(digits_root: Path) -> None:

@@ -230,6 +230,57 @@ def test_labelled_table_with_int_labels_and_zeroshot_eval_set(tmp_path: Path) ->
     samples = _samples(tmp_path / "zs/test")
     assert {frozenset(s) for s in samples.values()} == {frozenset({"jpg", "cls"})}
     assert sorted(int(s["cls"]) for s in samples.values()) == [0, 0, 1, 1, 2]
+    assert [p.name for p in (tmp_path / "zs/test").glob("*.tar")] == ["0.tar"]
+
+
+def test_eval_set_shards_are_0_to_n_minus_1_without_gaps(tmp_path: Path) -> None:
+    """CLIP_benchmark reads test/{0..N-1}.tar with N from nshards.txt: unpadded names, and a
+    partition whose rows were all rejected still leaves an (empty) shard, so no number is missing.
+    Our own eval readers (find_shards, resolve_shards) read the same folder."""
+    import braceexpand
+    import webdataset as wds
+
+    from pipeline.data.shards import resolve_shards
+    from pipeline.evaluation.datasets import find_shards
+
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(_jpeg(COLOURS[i]))
+    files = ["0.jpg", "1.jpg", "gone.jpg", "gone2.jpg", "2.jpg"]
+    pq.write_table(pa.table({"file": files, "y": ["a", "b", "a", "b", "a"]}), tmp_path / "l.parquet")
+    _run("eval-set", "zeroshot", "--input", str(tmp_path / "l.parquet"), "--output", str(tmp_path / "zs"),
+         "--path-col", "file", "--label-col", "y", "--image-size", "16", "--shard-size", "2")
+    test = tmp_path / "zs/test"
+    manifest = _check_accounting(test, 5)
+    nshards = int((test / "nshards.txt").read_text())
+    names = [f"{i}.tar" for i in range(nshards)]
+    assert nshards == 3 and [s["name"] for s in manifest["shards"]] == names
+    assert [s["num_samples"] for s in manifest["shards"]] == [2, 0, 1]
+    assert json.loads((test / "sizes.json").read_text()) == {"0.tar": 2, "1.tar": 0, "2.tar": 1}
+    assert json.loads((test / "_info.json").read_text())["splits"]["test"]["filenames"] == names
+    assert sorted(p.name for p in test.glob("*.stats.parquet")) == [f"{i}.stats.parquet" for i in range(3)]
+    # What CLIP_benchmark's webdataset loader does with nshards.txt.
+    urls = list(braceexpand.braceexpand(f"{test}/{{0..{nshards - 1}}}.tar"))
+    labels = sorted(int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False))
+    assert labels == [0, 0, 1]
+    assert sorted(p.name for p in find_shards(tmp_path / "zs", "test")) == sorted(names)
+    assert sum(s.num_samples for s in resolve_shards(str(test))) == 3
+    # Re-running resumes (nothing to redo); --retry-failed keeps the numbering.
+    _run("eval-set", "zeroshot", "--input", str(tmp_path / "l.parquet"), "--output", str(tmp_path / "zs"),
+         "--path-col", "file", "--label-col", "y", "--image-size", "16", "--shard-size", "2",
+         "--retry-failed")
+    assert [s["name"] for s in _check_accounting(test, 5)["shards"]] == names
+
+
+def test_eval_set_refuses_a_folder_with_old_padded_shards(tmp_path: Path) -> None:
+    (tmp_path / "0.jpg").write_bytes(_jpeg(COLOURS[0]))
+    pq.write_table(pa.table({"file": ["0.jpg"], "y": ["a"]}), tmp_path / "l.parquet")
+    args = ["eval-set", "zeroshot", "--input", str(tmp_path / "l.parquet"), "--output",
+            str(tmp_path / "zs"), "--path-col", "file", "--label-col", "y", "--image-size", "16"]
+    _run(*args)
+    job = json.loads((tmp_path / "zs/test/_job.json").read_text())
+    del job["shard_names"]  # what a data-prep from before the rename wrote
+    (tmp_path / "zs/test/_job.json").write_text(json.dumps(job))
+    assert main([*args, "--no-progress"]) == 2
 
 
 def test_retrieval_eval_set_groups_captions(tmp_path: Path) -> None:
@@ -245,6 +296,9 @@ def test_retrieval_eval_set_groups_captions(tmp_path: Path) -> None:
     texts = sorted(s["txt"].decode().splitlines() for s in _samples(tmp_path / "rt/test").values())
     assert texts == [["a red one", "the first"], ["second"], ["third a", "third c"]]
     assert (tmp_path / "rt/dataset_type.txt").read_text().strip() == "retrieval"
+    assert [s["name"] for s in manifest["shards"]] == ["0.tar"]
+    assert (tmp_path / "rt/test/nshards.txt").read_text().strip() == "1"
+    assert [p.name for p in (tmp_path / "rt/test").glob("*.tar")] == ["0.tar"]
 
 
 def test_ray_workers_match_local_run(tmp_path: Path, server: _Server, ray_session: object) -> None:

@@ -120,6 +120,9 @@ def test_write_shards_atomic_names_and_counts(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.partial"))
     with tarfile.open(tmp_path / "00000.tar") as tar:
         assert tar.getnames() == ["k0.cls", "k0.txt", "k1.cls", "k1.txt"]
+    # Eval sets: CLIP_benchmark's unpadded 0.tar, 1.tar, ...
+    records = write_shards(tmp_path / "eval", iter([Sample("a", {"cls": b"0"})] * 3), 2, padded=False)
+    assert [r.name for r in records] == ["0.tar", "1.tar"]
 
 
 def test_cli_bad_input_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,7 +65,8 @@ def test_function_matching_student_learns_from_teacher_only(teacher_run, digits_
 def test_teacher_and_student_see_the_identical_view(teacher_run, digits_root, tmp_path):
     out, _, teacher_dir = teacher_run
     cfg = load_config(SMOKE_DISTILL, small(out, "unit", digits_root, **{
-        "distill.teacher": str(teacher_dir), "data.mixup_alpha": 0.4, "data.cutmix_alpha": 1.0}))
+        "distill.teacher": str(teacher_dir), "data.mixup_alpha": 0.4}))
+    np.random.seed(0)  # timm's Mixup draws lam from numpy; beta(0.4, 0.4) is never exactly 1
     task = DistillClassifierTask(cfg, torch.device("cpu"))
     seen = {}
     teacher_forward = task.teacher.model.forward

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -62,6 +63,8 @@ def write_digits_corpus(root: Path, image_size_px: int = 32, val_fraction: float
     crash or a concurrent caller never sees a half-written corpus."""
     root = Path(root)
     if digits_corpus_complete(root):
+        if (root / "zeroshot" / "test" / "00000.tar").is_file():
+            _rewrite_legacy_zeroshot(root)
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ValueError(f"{root} exists but holds no complete digits corpus; remove it or pick "
@@ -79,7 +82,26 @@ def write_digits_corpus(root: Path, image_size_px: int = 32, val_fraction: float
     return root
 
 
-def _build(staging: Path, image_size_px: int, val_fraction: float, seed: int, options: dict) -> None:
+def _rewrite_legacy_zeroshot(root: Path) -> None:
+    """Corpora written before eval shards were named `0.tar ..` (CLIP_benchmark) hold
+    zeroshot/test/00000.tar: rebuild just the zero-shot set, with the corpus's own options."""
+    options = json.loads((root / "zeroshot" / "test" / "manifest.json").read_text())["options"]
+    labels, jpegs, split_indices = _load(options["image_size_px"], options["val_fraction"],
+                                         options["seed"])
+    staging = root / f".zeroshot.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _write_zeroshot(staging, split_indices["val"], labels, jpegs, options)
+    legacy = root / f".zeroshot.legacy-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(root / "zeroshot", legacy)
+    except FileNotFoundError:  # a concurrent caller is upgrading it right now
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    os.rename(staging, root / "zeroshot")
+    shutil.rmtree(legacy, ignore_errors=True)
+
+
+def _load(image_size_px: int, val_fraction: float, seed: int):
+    """Labels, JPEG bytes and the seeded stratified train/val indices of sklearn's digits."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -90,6 +112,11 @@ def _build(staging: Path, image_size_px: int, val_fraction: float, seed: int, op
     train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=val_fraction,
                                           random_state=seed, stratify=labels)
     split_indices = {"train": [int(i) for i in train_idx], "val": [int(i) for i in val_idx]}
+    return labels, jpegs, split_indices
+
+
+def _build(staging: Path, image_size_px: int, val_fraction: float, seed: int, options: dict) -> None:
+    labels, jpegs, split_indices = _load(image_size_px, val_fraction, seed)
     manifests: dict[str, dict] = {}
     for split, indices in split_indices.items():
         samples = [_labelled_sample(i, labels[i], jpegs[i], split, image_size_px) for i in indices]
@@ -148,7 +175,8 @@ def _write_zeroshot(out_dir: Path, val_indices: list[int], labels: np.ndarray,
             yield Sample(_key(i), {"cls": str(int(labels[i])).encode(), "jpg": jpegs[i]})
 
     test_dir = out_dir / "test"
-    shards = write_shards(test_dir, samples(), SAMPLES_PER_SHARD)
+    # CLIP_benchmark names eval shards 0.tar .. N-1.tar (it expands {0..N-1}.tar from nshards.txt).
+    shards = write_shards(test_dir, samples(), SAMPLES_PER_SHARD, padded=False)
     write_bytes_atomic(out_dir / "classnames.txt", ("\n".join(CLASSNAMES) + "\n").encode())
     write_bytes_atomic(out_dir / "zeroshot_classification_templates.txt",
                        ("\n".join(ZEROSHOT_TEMPLATES) + "\n").encode())
