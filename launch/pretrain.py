@@ -90,8 +90,9 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
 
 def print_summary(final: dict, run_dir) -> None:
     parts = [f"step {final.get('step')}"]
-    for key in ("val_top1", "val_top5", "val_ema_top1", "loss"):
+    zero_shot = [k for k in final if k.startswith("val_zeroshot_") and k.endswith("_acc1")]
+    for key in ("val_top1", "val_top5", "val_ema_top1", *zero_shot, "loss"):
         if key in final:
-            parts.append(f"{key} {final[key]:.2f}")
+            parts.append(f"{key} {final[key]:.4g}")
     print(f"[launch] done: {' | '.join(parts)}", flush=True)
     print(f"[launch] run dir: {run_dir} (metrics.jsonl, config.yaml, checkpoints/)", flush=True)
