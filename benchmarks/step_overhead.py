@@ -14,7 +14,8 @@ the project's resnet_tiny (timm ResNet, BasicBlock [1,1,1,1], 4.9M params), 10 c
   (+ --extra)  the same DeepSpeed steps with DeepSpeed settings proposed as fixes (see --extra-case)
 
 Figure: median step time over the timed steps (rank 0's clock; each step ends in collective work, so
-ranks stay in step), and its ratio to ddp. --profile adds a cProfile of zero2 steps on rank 0 (top
+ranks stay in step), and its ratio to ddp; also rank 0's process CPU time per step (all its threads,
+gloo's included), the figure that other people's load on a shared machine moves least. --profile adds a cProfile of zero2 steps on rank 0 (top
 functions by own time) to explain where the extra time goes. Prints JSON lines and a Markdown table.
 """
 from __future__ import annotations
@@ -45,6 +46,9 @@ EXTRA_CASES: dict[str, tuple[int, dict]] = {
     "zero2+overlap": (2, {"zero_optimization": {"overlap_comm": True}}),
     "zero2+no-contig": (2, {"zero_optimization": {"contiguous_gradients": False}}),
     "zero2+allreduce": (2, {"zero_optimization": {"reduce_scatter": False}}),
+    # Reduce each gradient slice to its owner instead of all-reducing the whole bucket: with the
+    # parameter all-gather after the step, the traffic of one all-reduce, as DDP has.
+    "zero2+reduce": (2, {"zero_optimization": {"use_multi_rank_bucket_allreduce": False}}),
 }
 
 
@@ -74,12 +78,12 @@ def ddp_steps(batches, cfg_optim, count: int) -> list[float]:
     times = []
     for step in range(count):
         images, labels = batches[step % len(batches)]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = loss_fn(model(images), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu_start))
     return times
 
 
@@ -102,13 +106,13 @@ def deepspeed_steps(batches, cfg_optim, count: int, zero_stage: int, extra: dict
             profiler = cProfile.Profile()
             profiler.enable()
         images, labels = batches[step % len(batches)]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         seed_sample_rng(0, step * 1000, -1 - rank)  # as pipeline/trainer.py does before each micro-step
         loss = loss_fn(engine(images).float(), labels)
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().float()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu_start))
     report = None
     if profiler is not None:
         profiler.disable()
@@ -145,8 +149,10 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) ->
                                                 profile_from=args.warmup if profile else None)
             timed = times[args.warmup:]
             if rank == 0:
-                queue.put({"case": case, "round": round_index, "median_ms": 1000 * statistics.median(timed),
-                           "mean_ms": 1000 * statistics.fmean(timed), "steps": len(timed),
+                wall, cpu = [t[0] for t in timed], [t[1] for t in timed]
+                queue.put({"case": case, "round": round_index, "median_ms": 1000 * statistics.median(wall),
+                           "mean_ms": 1000 * statistics.fmean(wall), "cpu_median_ms": 1000 * statistics.median(cpu),
+                           "steps": len(timed),
                            "load_avg_1min": os.getloadavg()[0], **({"profile": report} if report else {})})
     dist.barrier()
     dist.destroy_process_group()
@@ -183,11 +189,13 @@ def main() -> None:
                 print(profile)
     cases = list(dict.fromkeys(r["case"] for r in rows))
     medians = {c: statistics.median(r["median_ms"] for r in rows if r["case"] == c) for c in cases}
-    print("\n| case | median step ms (median over rounds) | per-round medians | vs ddp |")
-    print("| --- | ---: | --- | ---: |")
+    cpu = {c: statistics.median(r["cpu_median_ms"] for r in rows if r["case"] == c) for c in cases}
+    print("\n| case | median step ms (median over rounds) | per-round medians | vs ddp | CPU ms per step (rank 0) | vs ddp |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
     for case in cases:
         per_round = ", ".join(f"{r['median_ms']:.1f}" for r in rows if r["case"] == case)
-        print(f"| {case} | {medians[case]:.1f} | {per_round} | {medians[case] / medians['ddp']:.2f}x |")
+        print(f"| {case} | {medians[case]:.1f} | {per_round} | {medians[case] / medians['ddp']:.2f}x | "
+              f"{cpu[case]:.1f} | {cpu[case] / cpu['ddp']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from data_prep import __version__
 from data_prep.fetch import FetchOptions
-from data_prep.images import RESIZE_MODES, ImageOptions
+from data_prep.images import RESAMPLE_FILTERS, RESIZE_MODES, ImageOptions
 
 
 def _add_image_args(parser: argparse.ArgumentParser, default_size: int = 256) -> None:
@@ -18,6 +18,9 @@ def _add_image_args(parser: argparse.ArgumentParser, default_size: int = 256) ->
     group.add_argument("--image-size", type=int, default=default_size, help="pixels (default %(default)s)")
     group.add_argument("--resize-mode", choices=RESIZE_MODES, default="shorter",
                        help="shorter side to --image-size, a centred square, or keep (default %(default)s)")
+    group.add_argument("--resample", choices=tuple(RESAMPLE_FILTERS), default="area",
+                       help="resize filter; area (default, as img2dataset) averages the pixels under "
+                            "each output pixel when shrinking and is bicubic when enlarging")
     group.add_argument("--jpeg-quality", type=int, default=95)
     group.add_argument("--min-image-size", type=int, default=0,
                        help="reject images whose shorter side is below this (pixels)")
@@ -114,7 +117,8 @@ def _add_labelled_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _image_options(args: argparse.Namespace) -> ImageOptions:
-    return ImageOptions(args.image_size, args.resize_mode, args.jpeg_quality, args.min_image_size)
+    return ImageOptions(args.image_size, args.resize_mode, args.jpeg_quality, args.min_image_size,
+                        args.resample)
 
 
 def _job_options(args: argparse.Namespace):  # -> JobOptions (imported lazily: keeps --help fast)

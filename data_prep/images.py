@@ -12,6 +12,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("shorter", "center-crop", "none")
+# Resampling filters. "area" (img2dataset's default for shrinking, like OpenCV's INTER_AREA) averages
+# every source pixel under an output pixel (Pillow's BOX filter): alias-free and the cheapest;
+# images that have to grow use bicubic, since box-enlarging looks blocky.
+RESAMPLE_FILTERS = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
+                    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 # Formats kept byte-for-byte when nothing about the pixels has to change (resize mode "none").
 _PASSTHROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -37,10 +42,14 @@ class ImageOptions:
     """Quality for re-encoded JPEGs."""
     min_image_size: int = 0
     """Rows whose shorter side is below this many pixels are rejected as too_small."""
+    resample: str = "area"
+    """Filter of the resize, one of RESAMPLE_FILTERS ("area": box when shrinking, bicubic when enlarging)."""
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize mode {self.resize_mode!r}: expected one of {RESIZE_MODES}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample {self.resample!r}: expected one of {tuple(RESAMPLE_FILTERS)}")
         if self.image_size < 1 or not 1 <= self.jpeg_quality <= 100 or self.min_image_size < 0:
             raise ValueError("image size must be >= 1, JPEG quality in 1..100, min size >= 0")
 
@@ -89,7 +98,7 @@ def process_image(raw: bytes, options: ImageOptions) -> EncodedImage:
             and source_format in _PASSTHROUGH_FORMATS):
         return EncodedImage(raw, _PASSTHROUGH_FORMATS[source_format], width, height, width, height)
     rgb = to_rgb(image)
-    resized = resize(rgb, options.image_size, options.resize_mode)
+    resized = resize(rgb, options.image_size, options.resize_mode, options.resample)
     return EncodedImage(encode_jpeg(resized, options.jpeg_quality), "jpg", width, height,
                         resized.width, resized.height)
 
@@ -152,13 +161,16 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8), mode="L")
 
 
-def resize(image: Image.Image, size_px: int, mode: str) -> Image.Image:
+def resize(image: Image.Image, size_px: int, mode: str, resample: str = "area") -> Image.Image:
     """Shorter side to `size_px` ("shorter"), then a centred square crop ("center-crop")."""
     if mode == "none":
         return image
     target = _scaled_size(image.size, size_px)
     if target != image.size:
-        image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        filt = RESAMPLE_FILTERS[resample]
+        if resample == "area" and target[0] > image.width:
+            filt = Image.Resampling.BICUBIC  # enlarging: a box filter would only repeat pixels
+        image = image.resize(target, filt, reducing_gap=3.0)
     if mode == "center-crop":
         left = (image.width - size_px) // 2
         top = (image.height - size_px) // 2

@@ -110,6 +110,8 @@ def _check_identity(out_dir: Path, spec: RowSpec, sources: list[SourceTable], jo
     path = out_dir / JOB_FILE
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
+        # Jobs from before --resample existed resized with bicubic: `--resample bicubic` resumes them.
+        previous.get("spec", {}).get("image", {}).setdefault("resample", "bicubic")
         if previous != identity:
             changed = sorted(k for k in identity if previous.get(k) != identity[k])
             raise ValueError(f"{out_dir} holds the output of a different job ({', '.join(changed)} "

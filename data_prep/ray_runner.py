@@ -49,6 +49,7 @@ def _ensure_ray(num_workers: int, address: str | None) -> bool:
     else:
         # A single-machine Ray keeps all its traffic on 127.0.0.1 with this set (ENVIRONMENT.md).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
         ray.init(num_cpus=num_workers, include_dashboard=False, configure_logging=False)
     return True
 

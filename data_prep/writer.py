@@ -3,16 +3,19 @@ renamed into place, so a crash never leaves a truncated tar that looks finished.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Mapping
 
-from webdataset import TarWriter
-
 # Fixed member mtime: the same samples always give byte-identical shards (stable sha256).
 _TAR_MTIME = 1_700_000_000.0
+# Member owner and mode as webdataset's TarWriter writes them (our tars are byte-identical to its).
+_TAR_USER = "bigdata"
+_TAR_MODE = 0o444
 # Temporary names do not end in ".tar", so a `*.tar` glob never picks up a half-written shard.
 _PARTIAL_SUFFIX = ".partial"
 
@@ -77,11 +80,18 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> ShardRecord:
     num_samples = 0
     with open(partial, "wb") as raw:
         hashing = _HashingFile(raw)
-        writer = TarWriter(hashing, mtime=_TAR_MTIME, encoder=False)
-        for sample in samples:
-            writer.write({"__key__": sample.key, **sample.files})
-            num_samples += 1
-        writer.close()
+        # The stdlib tarfile, laid out exactly like webdataset.TarWriter(encoder=False) would (stream
+        # mode, members sorted by extension): importing webdataset would import torch, seconds of
+        # start-up in every worker process.
+        with tarfile.open(fileobj=hashing, mode="w|") as tar:
+            for sample in samples:
+                for ext in sorted(sample.files):
+                    data = sample.files[ext]
+                    info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), _TAR_MTIME, _TAR_MODE
+                    info.uname = info.gname = _TAR_USER
+                    tar.addfile(info, io.BytesIO(data))
+                num_samples += 1
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(partial, path)

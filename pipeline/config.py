@@ -197,7 +197,8 @@ class RaySection:
     max_failures: int = 0
     """Worker-group restarts from the latest checkpoint (Ray Train FailureConfig)."""
     storage_path: Optional[str] = None
-    """Where Ray Train keeps its run state; defaults to the run directory's parent."""
+    """Where Ray Train keeps its own run state (a local path, or s3:// / gs:// through pyarrow); defaults to
+    the run directory. Checkpoints and metrics always go to run.output_dir (a shared POSIX filesystem)."""
     torch_threads_per_worker: Optional[int] = None
     """Intra-op threads per rank; defaults to cpus_per_worker."""
 

@@ -62,7 +62,7 @@ def free_port_range(span: int = WORKER_PORT_SPAN) -> tuple[int, int]:
     for _ in range(50):
         low = random.randrange(20000, 32768 - span, span)
         try:
-            for port in range(low, low + span, 25):  # a sample: a whole range held by others shows up
+            for port in range(low, low + span):  # ~200 binds: a few milliseconds
                 with socket.socket() as sock:
                     sock.bind(("127.0.0.1", port))
         except OSError:
@@ -140,10 +140,13 @@ class Head:
         self.root, self.token, self.address = root, token, dashboard
 
     def launch(self, *argv: str, home: Path | None = None, timeout: float = 120, cwd: Path = REPO,
-               **env: str) -> subprocess.CompletedProcess:
+               full_cli: bool = False, **env: str) -> subprocess.CompletedProcess:
+        """`launch ARGV...`; only `submit` and its siblings are registered unless full_cli (then `pretrain`
+        and the others are known to `submit --` too)."""
         home = home or self.root / "client_home"
         home.mkdir(exist_ok=True)
-        return subprocess.run([sys.executable, "-c", ONLY_SUBMIT, *argv], cwd=cwd, env=clean_env(home, **env),
+        program = ["-m", "launch"] if full_cli else ["-c", ONLY_SUBMIT]
+        return subprocess.run([sys.executable, *program, *argv], cwd=cwd, env=clean_env(home, **env),
                               capture_output=True, text=True, timeout=timeout)
 
     def ok(self, *argv: str, **kwargs) -> str:
@@ -177,7 +180,11 @@ class LocalCluster:
     def env(self, home: Path, **extra: str) -> dict:
         auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token} if self.token else {
             "RAY_AUTH_MODE": "disabled"}
-        return clean_env(home, **auth, **extra)
+        # Each node has a HOME of its own (Ray's token file lives there), but keeps the user's JIT-built
+        # DeepSpeed ops: built afresh per node, they cost each Ray Train worker ~25 s of gcc (minutes on a
+        # busy 2-core machine).
+        extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+        return clean_env(home, **{"TORCH_EXTENSIONS_DIR": extensions, **auth, **extra})
 
     def _ray_start(self, *flags: str, num_cpus: int, resources: dict | None, join: bool = False) -> None:
         """One node: its own HOME and ports, on 127.0.0.1, in the cluster's temp dir."""

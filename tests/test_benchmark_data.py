@@ -43,7 +43,7 @@ def test_labelled_digits_fast_and_plain(digits_root, capsys):
                                "--data", str(digits_root / "labelled/train"), "--batch-size", "16",
                                "--workers", workers, "--steps", "3", "--warmup", "1", "--decode", decode)
         assert code == 0, err
-        assert f"labelled shards" in out and f"{decode} decode" in out
+        assert "labelled shards" in out and f"{decode} decode" in out
         match = LINE.search(out.strip().splitlines()[-1])
         assert match, out
         assert float(match[1]) > 0 and int(match[4]) == 48 and int(match[5]) == 3
@@ -133,6 +133,9 @@ def test_fast_crop_formats_and_corrupt_data():
         assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
     with pytest.raises(SkipSample, match="corrupt image"):
         crop(b"\xff\xd8\xff\xe0 not really a jpeg")
+    jpeg = _photo_jpeg(120)
+    with pytest.raises(SkipSample, match="corrupt image"):  # truncated: skipped, as the plain path does
+        crop(jpeg[: len(jpeg) // 2])
     with pytest.raises(SkipSample, match="no image"):
         FastDecodeLabelled(crop)({"cls": b"1"})
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data_prep.cli import main
-from data_prep.images import ImageOptions, RowRejected, process_image
+from data_prep.images import ImageOptions, RowRejected, process_image, resize
 from data_prep.tables import read_table, require_columns
 from data_prep.writer import Sample, write_shards
 
@@ -68,6 +68,19 @@ def test_resize_modes_and_draft_decoding() -> None:
     assert kept.data == big and kept.ext == "jpg"  # nothing to change: original bytes kept
     png = _encode(Image.new("RGB", (30, 30)), "PNG")
     assert process_image(png, ImageOptions(8, "none")).ext == "png"
+
+
+def test_resample_filters() -> None:
+    """area (default, as img2dataset): box-average when shrinking, bicubic when enlarging."""
+    checker = Image.fromarray((np.indices((8, 8)).sum(0) % 2 * 255).astype(np.uint8)).convert("RGB")
+    shrunk = np.asarray(resize(checker, 4, "shorter"))
+    assert shrunk.min() >= 127 and shrunk.max() <= 128  # every output pixel averages 2x2 sources
+    grown = np.asarray(resize(checker, 32, "shorter"))
+    assert len(np.unique(grown)) > 2  # interpolated, not blocks of repeated pixels
+    assert not np.array_equal(np.asarray(resize(checker, 4, "shorter", "bicubic")), shrunk)
+    assert ImageOptions().resample == "area"
+    with pytest.raises(ValueError, match="resample"):
+        ImageOptions(resample="nearest")
 
 
 @pytest.mark.parametrize("raw,reason", [

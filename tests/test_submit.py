@@ -3,6 +3,7 @@
 The head runs with token authentication (RAY_AUTH_MODE=token) in its own HOME, --temp-dir and ports, so it
 never meets the session cluster of conftest.ray_session. It is torn down by killing its own processes (found
 by its temp dir and GCS address), never with `ray stop`, which kills every Ray process on the machine.
+tests/cluster_helpers.py starts it (test_two_node.py adds a second node to such a head).
 
 Each CLI call runs in a subprocess with a clean environment (its own HOME, no RAY_* variables from this
 process), as a user would run it. The subprocess registers only launch.submit: the full `launch` imports
@@ -10,135 +11,19 @@ open_clip and scikit-learn (~7 s a call); test_full_cli_* checks the real regist
 """
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-ONLY_SUBMIT = ("import sys; from launch import cli; cli.COMMANDS = ('launch.submit',); "
-               "sys.exit(cli.main(sys.argv[1:]))")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(home: Path, **extra: str) -> dict:
-    """This process's environment without Ray settings (the session cluster may have set RAY_AUTH_MODE)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.update(extra)
-    return env
-
-
-def head_processes(temp_dir: str, gcs_address: str):
-    import psutil
-
-    found = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if temp_dir in cmdline or f"--address={gcs_address}" in cmdline:
-            found[proc.pid] = proc
-            try:
-                found.update({child.pid: child for child in proc.children(recursive=True)})
-            except psutil.NoSuchProcess:
-                pass
-    found.pop(os.getpid(), None)
-    return list(found.values())
-
-
-def kill_head(temp_dir: str, gcs_address: str) -> None:
-    import psutil
-
-    procs = head_processes(temp_dir, gcs_address)
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    # gcs_server and raylet outlast SIGTERM by more than 10 s here; the head holds nothing worth a clean exit.
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and any(running(proc) for proc in procs):
-        time.sleep(0.2)
-    for proc in filter(running, procs):
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def running(proc) -> bool:
-    """Alive and not a zombie: a killed head's orphans may stay zombies when PID 1 does not reap them."""
-    import psutil
-
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-class Head:
-    def __init__(self, root: Path, token: str, dashboard: str):
-        self.root, self.token, self.address = root, token, dashboard
-
-    def launch(self, *argv: str, home: Path | None = None, timeout: float = 120, cwd: Path = REPO,
-               **env: str) -> subprocess.CompletedProcess:
-        home = home or self.root / "client_home"
-        home.mkdir(exist_ok=True)
-        return subprocess.run([sys.executable, "-c", ONLY_SUBMIT, *argv], cwd=cwd, env=clean_env(home, **env),
-                              capture_output=True, text=True, timeout=timeout)
-
-    def ok(self, *argv: str, **kwargs) -> str:
-        result = self.launch(*argv, RAY_AUTH_TOKEN=self.token, **kwargs)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
-
-    def wait_for(self, job: str, states: tuple[str, ...], timeout_seconds: float = 90) -> str:
-        deadline = time.monotonic() + timeout_seconds
-        while True:
-            out = self.ok("status", job, "--address", self.address)
-            status = out.split("status:", 1)[1].split()[0]
-            if status in states or time.monotonic() > deadline:
-                return status
-            time.sleep(1)
+from cluster_helpers import ONLY_SUBMIT, REPO, clean_env, free_port, local_cluster
 
 
 @pytest.fixture(scope="module")
 def head():
-    # Short and under /tmp: Ray's unix socket paths live under --temp-dir and are limited to ~107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="rsub", dir="/tmp"))
-    token = secrets.token_hex(32)
-    gcs_port, dashboard_port = free_port(), free_port()
-    gcs_address = f"127.0.0.1:{gcs_port}"
-    temp_dir = str(root / "ray")
-    (root / "head_home").mkdir()
-    ports = {"--port": gcs_port, "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-               "--dashboard-host=127.0.0.1", "--num-cpus=1", "--include-dashboard=true",
-               f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
-    env = clean_env(root / "head_home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        yield Head(root, token, f"http://127.0.0.1:{dashboard_port}")
-    finally:
-        kill_head(temp_dir, gcs_address)
-        shutil.rmtree(root, ignore_errors=True)
+    with local_cluster(token=secrets.token_hex(32)) as cluster:
+        yield cluster.client()
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -36,9 +36,15 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from pipeline.data.reader import SkipSample
 
+try:  # deprecated in torchvision 0.29 for TorchCodec; without it JPEGs decode through Pillow
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - depends on the torchvision build
+    decode_jpeg = None
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 INTERPOLATIONS = ("bilinear", "bicubic")
 _DRAFT_SCALES = (8, 4, 2)
+_JPEG_FORMATS = ("JPEG", "MPO")  # MPO (phone cameras) is a JPEG stream first
 
 
 def fast_path_supported(data_cfg) -> str | None:
@@ -84,10 +90,9 @@ class FastRandomResizedCrop:
     def _decode_crop(self, image: Image.Image, data: bytes, top: int, left: int, height: int,
                      width: int) -> torch.Tensor:
         """The crop box's pixels as a (1, 3, h, w) channels_last uint8 tensor, decoded as small as allowed."""
-        scale = self._draft_scale(height, width) if image.format == "JPEG" else 1
-        if scale == 1 and image.format == "JPEG":
-            from torchvision.io import ImageReadMode, decode_jpeg
-
+        jpeg = image.format in _JPEG_FORMATS
+        scale = self._draft_scale(height, width) if jpeg else 1
+        if scale == 1 and jpeg and decode_jpeg is not None:
             pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             box = pixels[:, top:top + height, left:left + width].unsqueeze(0)
             return box.contiguous(memory_format=torch.channels_last)
