@@ -113,3 +113,53 @@ def test_teacher_with_other_class_count_is_refused(teacher_run, digits_root, cap
         out, "bad", digits_root, **{"distill.teacher": str(teacher_dir), "data.num_classes": 12})), [])])
     err = capsys.readouterr().err
     assert code == 2 and "teacher predicts 10 classes, the student 12" in err, err
+
+
+def clip_distill_config(tmp_path, digits_root, teacher: str, **extra):
+    from pipeline.models.clip import register_tiny_configs
+
+    register_tiny_configs()
+    args = {"run.output_dir": str(tmp_path), "data.train": f"{digits_root}/image_text/train",
+            "data.val": "", "data.batch_size_per_rank": 8, "data.num_workers_per_rank": 0,
+            "distill.teacher": teacher, "distill.teacher_model": "clip-tiny-rn",
+            "distill.hard_label_weight": 1.0, "eval.zeroshot": "[]", **extra}
+    return load_config(REPO / "configs" / "smoke_clip.yaml", [f"{k}={v}" for k, v in args.items()])
+
+
+def test_clip_student_matches_clip_teacher_similarities(tmp_path, digits_root):
+    import open_clip
+
+    from pipeline.data.stream import Position
+    from pipeline.models.clip import register_tiny_configs
+    from pipeline.tasks.distill import DistillContrastiveTask
+
+    register_tiny_configs()
+    torch.manual_seed(0)
+    teacher = open_clip.create_model("clip-tiny-rn")
+    weights = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), weights)
+    cfg = clip_distill_config(tmp_path, digits_root, str(weights))
+    DistillContrastiveTask.check(cfg)
+    task = DistillContrastiveTask(cfg, torch.device("cpu"))
+    batch, _, _ = next(task.train_batches(0, 1, Position()))
+    copy = task.build_model()
+    own = copy.state_dict()  # (our CLIP keeps logit_scale 1-element for DeepSpeed; open_clip's is 0-d)
+    copy.load_state_dict({k: v.reshape(own[k].shape) for k, v in teacher.state_dict().items()})
+    strangers = task.build_model()
+    with torch.no_grad():
+        same, _ = task.loss(copy, batch)
+        other, _ = task.loss(strangers, batch)
+    assert torch.isfinite(same) and same < other  # the teacher's own similarities fit its targets best
+    loss, n = task.loss(strangers, batch)
+    loss.backward()
+    assert n == 8 and all(p.grad is None for p in task.teacher.parameters())  # the teacher stays frozen
+
+
+def test_clip_student_refuses_a_classifier_teacher(teacher_run, tmp_path, digits_root):
+    from pipeline.config import ConfigError
+    from pipeline.tasks.distill import DistillContrastiveTask
+
+    _, _, teacher_dir = teacher_run
+    cfg = clip_distill_config(tmp_path, digits_root, str(teacher_dir), **{"distill.teacher_model": "null"})
+    with pytest.raises(ConfigError, match="needs a CLIP teacher"):
+        DistillContrastiveTask.check(cfg)

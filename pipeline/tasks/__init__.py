@@ -10,6 +10,7 @@ TASKS: dict[str, str] = {
     "classifier": "pipeline.tasks.classify:ClassifyTask",
     "clip": "pipeline.tasks.contrastive:ContrastiveTask",
     "distill:classifier": "pipeline.tasks.distill:DistillClassifierTask",
+    "distill:clip": "pipeline.tasks.distill:DistillContrastiveTask",
 }
 
 

@@ -1,4 +1,6 @@
-"""Distillation into a classifier by function matching (Beyer et al. 2022, "a good teacher is patient
+"""Distillation: function matching into a classifier, and CLIP into a smaller CLIP.
+
+Into a classifier, by function matching (Beyer et al. 2022, "a good teacher is patient
 and consistent").
 
 Teacher and student see the identical tensor: one augmentation applied once by the data stream, one
@@ -12,13 +14,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import open_clip
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import Normalize
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.shards import read_manifest
 from pipeline.tasks.classify import ClassifyTask, num_classes_of
+from pipeline.tasks.contrastive import ContrastiveTask
+from pipeline.tasks.contrastive_loss import clamp_logit_scale
 
 
 def teacher_hint(ref: str) -> str:
@@ -74,12 +80,7 @@ class TeacherLogits(torch.nn.Module):
         super().__init__()
         self.model = resolved.model.to(device).eval().requires_grad_(False)
         self.kind = resolved.kind
-        # Our batches are normalised with data.mean/std; the teacher expects its own statistics.
-        student = torch.tensor(cfg.data.mean), torch.tensor(cfg.data.std)
-        norm = _teacher_normalize(resolved.preprocess)
-        teacher = (torch.tensor(norm.mean), torch.tensor(norm.std)) if norm else student
-        self.register_buffer("scale", (student[1] / teacher[1]).view(1, 3, 1, 1).to(device))
-        self.register_buffer("shift", ((student[0] - teacher[0]) / teacher[1]).view(1, 3, 1, 1).to(device))
+        self.renormalize = self.renormalizer(resolved.preprocess, cfg, device)
         self.head = None
         if self.kind == "clip":
             from pipeline.evaluation.zero_shot import LOGIT_SCALE, build_classifier
@@ -87,9 +88,19 @@ class TeacherLogits(torch.nn.Module):
             classnames, templates = zero_shot_prompts(cfg)
             self.head = build_classifier(self.model, resolved.tokenizer, classnames, templates, device) * LOGIT_SCALE
 
+    @staticmethod
+    def renormalizer(preprocess, cfg: Config, device: torch.device):
+        """Our batches are normalised with data.mean/std; the teacher expects its own statistics."""
+        student = torch.tensor(cfg.data.mean), torch.tensor(cfg.data.std)
+        norm = _teacher_normalize(preprocess)
+        teacher = (torch.tensor(norm.mean), torch.tensor(norm.std)) if norm else student
+        scale = (student[1] / teacher[1]).view(1, 3, 1, 1).to(device)
+        shift = ((student[0] - teacher[0]) / teacher[1]).view(1, 3, 1, 1).to(device)
+        return lambda images: images * scale + shift
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images * self.scale + self.shift
+        images = self.renormalize(images)
         if self.head is None:
             return self.model(images).float()
         return F.normalize(self.model.encode_image(images).float(), dim=-1) @ self.head
@@ -133,3 +144,52 @@ def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tenso
 
 def _classifier_outputs(model: torch.nn.Module) -> int:
     return int(getattr(model, "num_classes", 0) or model.get_classifier().out_features)
+
+
+class DistillContrastiveTask(ContrastiveTask):
+    """CLIP -> smaller CLIP: the student matches the teacher's in-batch image-text similarity distribution
+    (open_clip's DistillClipLoss: cross-entropy of the student's logits against the teacher's softmax, both
+    directions, over the global batch) plus, with weight hard_label_weight, its own contrastive loss.
+    The teacher's logit scale sets the sharpness of its targets, so distill.temperature is not used here."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        resolved = load_teacher(cfg)
+        self.teacher = resolved.model.to(device).eval().requires_grad_(False)
+        self.renormalize = TeacherLogits.renormalizer(resolved.preprocess, cfg, device)
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.distill_loss = open_clip.loss.DistillClipLoss(
+            local_loss=cfg.contrastive.local_loss, gather_with_grad=cfg.contrastive.gather_with_grad,
+            cache_labels=True, rank=rank, world_size=world_size)
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        if cfg.contrastive.loss != "clip":
+            raise ConfigError("contrastive.loss", "CLIP distillation matches softmax similarity distributions: use clip")
+        resolved = load_teacher(cfg)
+        if resolved.kind != "clip":
+            raise ConfigError("distill.teacher", f"a CLIP student needs a CLIP teacher, got a {resolved.kind}")
+        probe = "a photo of the handwritten digit seven"
+        ours = open_clip.get_tokenizer(cfg.model.name)([probe])
+        if not torch.equal(resolved.tokenizer([probe]), ours):
+            raise ConfigError("distill.teacher", "teacher and student tokenize text differently; the batch "
+                              "carries the student's tokens only")
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
+        images, texts = batch
+        images, texts = self.images_to_device(images), texts.to(self.device, non_blocking=True)
+        with torch.no_grad(), self.autocast_context():
+            teacher = {"image_features": self.teacher.encode_image(self.renormalize(images), normalize=True),
+                       "text_features": self.teacher.encode_text(texts, normalize=True),
+                       "logit_scale": self.teacher.logit_scale.exp()}
+        outputs = engine(images, texts)
+        losses = self.distill_loss(
+            outputs["image_features"].float(), outputs["text_features"].float(),
+            clamp_logit_scale(outputs["logit_scale"].float()),
+            teacher["image_features"].float(), teacher["text_features"].float(), teacher["logit_scale"].float(),
+            output_dict=True)
+        loss = self.cfg.distill.distill_weight * losses["distill_loss"]
+        if self.cfg.distill.hard_label_weight > 0:
+            loss = loss + self.cfg.distill.hard_label_weight * losses["contrastive_loss"]
+        return loss, len(texts)
