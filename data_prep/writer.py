@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Mapping
 
 # Fixed member mtime: the same samples always give byte-identical shards (stable sha256).
-_TAR_MTIME = 1_700_000_000.0
-# Member owner and mode as webdataset's TarWriter writes them (our tars are byte-identical to its).
+# An int: tarfile writes a float mtime as an extra PAX header block before every member (webdataset's
+# TarWriter does, 1 KiB more per member).
+_TAR_MTIME = 1_700_000_000
+# Member owner and mode as webdataset's TarWriter writes them.
 _TAR_USER = "bigdata"
 _TAR_MODE = 0o444
 # Temporary names do not end in ".tar", so a `*.tar` glob never picks up a half-written shard.
@@ -80,9 +82,9 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> ShardRecord:
     num_samples = 0
     with open(partial, "wb") as raw:
         hashing = _HashingFile(raw)
-        # The stdlib tarfile, laid out exactly like webdataset.TarWriter(encoder=False) would (stream
-        # mode, members sorted by extension): importing webdataset would import torch, seconds of
-        # start-up in every worker process.
+        # The stdlib tarfile, laid out like webdataset.TarWriter(encoder=False) (stream mode, members
+        # sorted by extension): importing webdataset would import torch, seconds of start-up in
+        # every worker process.
         with tarfile.open(fileobj=hashing, mode="w|") as tar:
             for sample in samples:
                 for ext in sorted(sample.files):

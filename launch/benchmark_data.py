@@ -24,7 +24,7 @@ from pipeline.config import Config, load_config
 from pipeline.data.fast_image import (FastDecodeImageText, FastDecodeLabelled, FastRandomResizedCrop,
                                       UInt8Collate, fast_path_supported)
 from pipeline.data.shards import Shard, read_manifest, resolve_shards
-from pipeline.data.stream import ResumableStream
+from pipeline.data.stream import ResumableStream, as_is
 
 KINDS = ("labelled", "image_text")
 DECODES = ("auto", "fast", "plain")
@@ -190,7 +190,7 @@ def build_loader(cfg: Config, shards: list[Shard], kind: str, decode: str, inter
     stream = ResumableStream(shards, 0, 1, data.batch_size_per_rank, decoder, seed=cfg.run.seed,
                              shuffle_window=data.shuffle_buffer, collate=collate)
     workers = data.num_workers_per_rank
-    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+    return DataLoader(stream, batch_size=None, collate_fn=as_is, num_workers=workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
 
 

@@ -68,6 +68,9 @@ class DataSection:
     rrc_scale_min: float = 0.08
     """Lower bound of RandomResizedCrop's area scale."""
     hflip_prob: float = 0.5
+    fast_decode: bool = True
+    """Training decode straight to uint8 crops (reduced-size JPEG decode, one resize, normalised on the
+    device) when the augmentation is crop + flip only; colour jitter or RandAugment use timm's PIL path."""
     color_jitter: float = 0.0
     randaugment: Optional[str] = None
     """timm auto-augment string, e.g. 'rand-m6-mstd0.5-inc1' (RSB A3); null disables."""

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.labelled import decode_image, eval_transform, train_transform
 from pipeline.data.mixing import MixedStream
+from pipeline.data.fast_image import FastDecodeImageText, UInt8Collate, fast_path_supported, fast_train_crop
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
 from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
@@ -62,13 +63,18 @@ def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable,
     sample (without weights all sources form one stream, each contributing by its size); evaluation:
     (batch, skipped), every sample once. A batch is (images, token ids)."""
     if training:
-        decode = DecodeImageText(train_transform(data_cfg), tokenizer)
+        if data_cfg.fast_decode and fast_path_supported(data_cfg) is None:
+            # uint8 crops; captions tokenized once per batch in the collate
+            decode, collate = FastDecodeImageText(fast_train_crop(data_cfg)), UInt8Collate(tokenizer)
+        else:
+            decode, collate = DecodeImageText(train_transform(data_cfg), tokenizer), torch.utils.data.default_collate
         if weights is not None and len(sources) > 1:
             stream = MixedStream(sources, weights, rank, world_size, batch_size, decode, seed=seed,
-                                 shuffle_window=data_cfg.shuffle_buffer, start=start)
+                                 shuffle_window=data_cfg.shuffle_buffer, start=start, collate=collate)
         else:
             stream = ResumableStream([s for source in sources for s in source], rank, world_size, batch_size,
-                                     decode, seed=seed, shuffle_window=data_cfg.shuffle_buffer, start=start)
+                                     decode, seed=seed, shuffle_window=data_cfg.shuffle_buffer, start=start,
+                                     collate=collate)
     else:
         decode = DecodeImageText(eval_transform(data_cfg), tokenizer)
         stream = EvalStream([s for source in sources for s in source], rank, world_size, batch_size, decode)

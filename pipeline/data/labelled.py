@@ -8,6 +8,7 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
+from pipeline.data.fast_image import FastDecodeLabelled, UInt8Collate, fast_path_supported, fast_train_crop
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
 from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
@@ -62,8 +63,12 @@ def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, s
                     batch_size: int, start: Position = Position()) -> DataLoader:
     """Training: endless (batch, skipped, position) micro-batches; evaluation: (batch, skipped), each sample once."""
     if training:
-        stream = ResumableStream(shards, rank, world_size, batch_size, DecodeLabelled(train_transform(data_cfg)),
-                                 seed=seed, shuffle_window=data_cfg.shuffle_buffer, start=start)
+        if data_cfg.fast_decode and fast_path_supported(data_cfg) is None:
+            decode, collate = FastDecodeLabelled(fast_train_crop(data_cfg)), UInt8Collate()
+        else:
+            decode, collate = DecodeLabelled(train_transform(data_cfg)), torch.utils.data.default_collate
+        stream = ResumableStream(shards, rank, world_size, batch_size, decode, seed=seed,
+                                 shuffle_window=data_cfg.shuffle_buffer, start=start, collate=collate)
     else:
         stream = EvalStream(shards, rank, world_size, batch_size, DecodeLabelled(eval_transform(data_cfg)))
     workers = data_cfg.num_workers_per_rank

@@ -116,7 +116,7 @@ class MixedStream(IterableDataset):
             for position in range(begin, begin + self.batch_size):
                 try:
                     _, path, index = self.mix.locate(position)
-                    seed_sample_rng(self.seed, 0, position)
+                    seed_sample_rng(self.seed, 0, position, all_devices=False)
                     items.append(self.decode(store.read(path, index)))
                 except SkipSample as why:
                     skipped.update([str(why)])

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
+from pipeline.data.fast_image import normalize_on_device
 from pipeline.data.shards import Shard, resolve_shards
 from pipeline.data.stream import Position
 from pipeline.engine import resolve_precision
@@ -51,7 +52,9 @@ class Task:
         return {}
 
     def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        """uint8 batches (the fast decode path) are normalised here, on the device; float ones just move."""
+        return normalize_on_device(images, self.cfg.data.mean, self.cfg.data.std, self.device,
+                                   memory_format=self.memory_format)
 
     def autocast_context(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
