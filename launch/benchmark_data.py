@@ -21,10 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import Config, load_config
-from pipeline.data.fast_image import (FastDecodeImageText, FastDecodeLabelled, FastRandomResizedCrop,
-                                      UInt8Collate, fast_path_supported)
+from pipeline.data.fast_image import fast_path_supported
 from pipeline.data.shards import Shard, read_manifest, resolve_shards
-from pipeline.data.stream import ResumableStream, as_is
 
 KINDS = ("labelled", "image_text")
 DECODES = ("auto", "fast", "plain")
@@ -47,8 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode", choices=DECODES, default="auto",
                         help="fast: uint8 crops (pipeline.data.fast_image); plain: the PIL + timm transform; "
                              "auto: fast when the config's augmentation allows it")
-    parser.add_argument("--interpolation", choices=("bilinear", "bicubic"), default="bilinear",
-                        help="resize filter of the fast path (the plain path is bilinear)")
+    parser.add_argument("--interpolation", choices=("bilinear", "bicubic"), default=None,
+                        help="resize filter of the crops (default: the config's data.interpolation)")
     parser.set_defaults(func=run)
 
 
@@ -77,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = benchmark_config(args)
     shards = resolve_shards(cfg.data.train)
     kind = detect_kind(cfg.data.train, shards, cfg.model.kind)
-    decode = choose_decode(args.decode, cfg, args.interpolation)
-    loader = build_loader(cfg, shards, kind, decode, args.interpolation)
+    decode = choose_decode(args.decode, cfg)
+    loader = build_loader(cfg, shards, kind, decode)
     workers = cfg.data.num_workers_per_rank
     if workers == 0:
         torch.set_num_threads(1)  # one core, as a DataLoader worker has (and as the per-core figure says)
@@ -95,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 def benchmark_config(args: argparse.Namespace) -> Config:
     overrides = list(args.set)
     for flag, key in ((args.data, "train"), (args.image_size, "image_size_px"),
-                      (args.batch_size, "batch_size_per_rank"), (args.workers, "num_workers_per_rank")):
+                      (args.batch_size, "batch_size_per_rank"), (args.workers, "num_workers_per_rank"),
+                      (args.interpolation, "interpolation")):
         if flag is not None:
             overrides.append(f"data.{key}={flag}")
     if args.steps < 1 or (args.warmup is not None and args.warmup < 0):
@@ -145,12 +144,10 @@ def sample_extensions(path: str, max_members: int = 64) -> set[str]:
     return exts
 
 
-def choose_decode(requested: str, cfg: Config, interpolation: str) -> str:
+def choose_decode(requested: str, cfg: Config) -> str:
     why_not = fast_path_supported(cfg.data)
     if requested == "fast" and why_not:
         raise ValueError(f"--decode fast: {why_not}")
-    if requested == "plain" and interpolation != "bilinear":
-        raise ValueError("--interpolation: the plain path resizes bilinearly; bicubic needs --decode fast")
     if requested == "auto":
         return "plain" if why_not else "fast"
     return requested
@@ -167,31 +164,18 @@ def tokenizer_for(cfg: Config):
     return open_clip.get_tokenizer(DEFAULT_TOKENIZER)
 
 
-def build_loader(cfg: Config, shards: list[Shard], kind: str, decode: str, interpolation: str) -> DataLoader:
-    """Rank 0 of 1 of the training loader (same stream, workers and prefetch as the training run)."""
-    data = cfg.data
-    if decode == "plain":
-        # Exactly the loaders the training tasks call.
-        if kind == "labelled":
-            from pipeline.data.labelled import labelled_loader
-
-            return labelled_loader(shards, data, 0, 1, seed=cfg.run.seed, training=True,
-                                   batch_size=data.batch_size_per_rank)
-        from pipeline.data.image_text import image_text_loader
-
-        return image_text_loader([shards], data, tokenizer_for(cfg), 0, 1, seed=cfg.run.seed, training=True,
-                                 batch_size=data.batch_size_per_rank)
-    crop = FastRandomResizedCrop(data.image_size_px, scale=(data.rrc_scale_min, 1.0), hflip_prob=data.hflip_prob,
-                                 interpolation=interpolation)
+def build_loader(cfg: Config, shards: list[Shard], kind: str, decode: str) -> DataLoader:
+    """Rank 0 of 1 of exactly the loader the training task calls (same stream, workers, prefetch)."""
+    data = dataclasses.replace(cfg.data, fast_decode=decode == "fast")
     if kind == "labelled":
-        decoder, collate = FastDecodeLabelled(crop), UInt8Collate()
-    else:
-        decoder, collate = FastDecodeImageText(crop), UInt8Collate(tokenizer_for(cfg))
-    stream = ResumableStream(shards, 0, 1, data.batch_size_per_rank, decoder, seed=cfg.run.seed,
-                             shuffle_window=data.shuffle_buffer, collate=collate)
-    workers = data.num_workers_per_rank
-    return DataLoader(stream, batch_size=None, collate_fn=as_is, num_workers=workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+        from pipeline.data.labelled import labelled_loader
+
+        return labelled_loader(shards, data, 0, 1, seed=cfg.run.seed, training=True,
+                               batch_size=data.batch_size_per_rank)
+    from pipeline.data.image_text import image_text_loader
+
+    return image_text_loader([shards], data, tokenizer_for(cfg), 0, 1, seed=cfg.run.seed, training=True,
+                             batch_size=data.batch_size_per_rank)
 
 
 def measure(loader: DataLoader, steps: int, warmup: int) -> Measurement:

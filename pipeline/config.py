@@ -68,6 +68,8 @@ class DataSection:
     rrc_scale_min: float = 0.08
     """Lower bound of RandomResizedCrop's area scale."""
     hflip_prob: float = 0.5
+    interpolation: str = "bilinear"
+    """Resize filter of crops: 'bilinear' (timm's default) or 'bicubic' (open_clip's)."""
     fast_decode: bool = True
     """Training decode straight to uint8 crops (reduced-size JPEG decode, one resize, normalised on the
     device) when the augmentation is crop + flip only; colour jitter or RandAugment use timm's PIL path."""
@@ -345,6 +347,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 _CHOICES = {
     "model.kind": ("classifier", "clip"),
     "contrastive.loss": ("clip", "siglip"),
+    "data.interpolation": ("bilinear", "bicubic"),
     "optim.name": ("sgd", "adamw", "lamb"),
     "optim.loss": ("ce", "bce"),
     "schedule.kind": ("cosine", "step"),

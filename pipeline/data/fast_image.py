@@ -123,13 +123,13 @@ def _reduced_span(start: int, length: int, scale: float, limit: int) -> slice:
     return slice(begin, min(limit, max(begin + 1, round((start + length) / scale))))
 
 
-def fast_train_crop(data_cfg, interpolation: str = "bilinear") -> FastRandomResizedCrop:
-    """The fast equivalent of labelled.train_transform(data_cfg) (which uses bilinear)."""
+def fast_train_crop(data_cfg) -> FastRandomResizedCrop:
+    """The fast equivalent of labelled.train_transform(data_cfg)."""
     why_not = fast_path_supported(data_cfg)
     if why_not:
         raise ValueError(f"the fast decode path does not apply: {why_not}")
     return FastRandomResizedCrop(data_cfg.image_size_px, scale=(data_cfg.rrc_scale_min, 1.0),
-                                 hflip_prob=data_cfg.hflip_prob, interpolation=interpolation)
+                                 hflip_prob=data_cfg.hflip_prob, interpolation=data_cfg.interpolation)
 
 
 def image_bytes(raw: dict) -> bytes:

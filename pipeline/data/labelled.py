@@ -48,14 +48,14 @@ def train_transform(data_cfg):
     return create_transform(
         input_size=data_cfg.image_size_px, is_training=True, scale=(data_cfg.rrc_scale_min, 1.0),
         hflip=data_cfg.hflip_prob, color_jitter=data_cfg.color_jitter, auto_augment=data_cfg.randaugment,
-        interpolation="bilinear", mean=data_cfg.mean, std=data_cfg.std,
+        interpolation=data_cfg.interpolation, mean=data_cfg.mean, std=data_cfg.std,
     )
 
 
 def eval_transform(data_cfg):
     return create_transform(
         input_size=data_cfg.val_image_size_px or data_cfg.image_size_px, is_training=False,
-        crop_pct=data_cfg.val_crop_pct, interpolation="bilinear", mean=data_cfg.mean, std=data_cfg.std,
+        crop_pct=data_cfg.val_crop_pct, interpolation=data_cfg.interpolation, mean=data_cfg.mean, std=data_cfg.std,
     )
 
 
