@@ -14,7 +14,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Subcommand modules, each with add_parser(subparsers); optional ones may not exist yet.
-COMMANDS = ("launch.pretrain", "launch.distill", "launch.eval_cmd", "launch.export_cmd", "launch.submit", "launch.benchmark_data")
+COMMANDS = ("launch.pretrain", "launch.distill", "launch.eval_cmd", "launch.export_cmd", "launch.submit", "launch.benchmark_data",
+            "launch.report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -210,6 +210,7 @@ class _Loop:
 
     def save(self, step: int) -> None:
         cfg = self.cfg
+        self._average_buffers()  # the checkpoint holds the statistics validation used
         client_state = {"step": step}
         if self.position is not None:
             client_state["data_position"] = {"epoch": self.position.epoch, "offset": self.position.offset}
@@ -234,7 +235,13 @@ class _Loop:
         print(f"[pretrain] fault drill: rank {self.rank} exits at step {step}", flush=True)
         os._exit(17)
 
+    def _average_buffers(self) -> None:
+        average_buffers(self.engine.module)
+        if self.ema is not None:
+            average_buffers(self.ema.module)
+
     def validate(self) -> dict:
+        self._average_buffers()
         results = {f"val_{k}": v for k, v in self._evaluate(self.engine.module).items()}
         if self.ema is not None:
             results.update({f"val_ema_{k}": v for k, v in self._evaluate(self.ema.module).items()})
@@ -244,6 +251,21 @@ class _Loop:
     def _evaluate(self, module: torch.nn.Module) -> dict:
         module.eval()
         return self.task.evaluate(module, self.rank, self.world_size)
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average float buffers (BatchNorm running statistics) over ranks, as timm's distribute_bn does.
+
+    DeepSpeed keeps buffers rank-local: each rank's BN statistics come from its own samples. Left alone,
+    validation would score each rank's share with different statistics and the checkpoint would keep
+    rank 0's only."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(dist.get_world_size())
 
 
 class _Window:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,18 @@ def test_function_matching_student_learns_from_teacher_only(teacher_run, digits_
     assert meta["config"]["distill"]["teacher"] == str(teacher_dir)
 
 
+def test_distillation_run_resumes_from_its_checkpoint(teacher_run, digits_root):
+    out, _, teacher_dir = teacher_run
+    args = {"distill.teacher": str(teacher_dir), "optim.lr": 0.01, "checkpoint.every_steps": 20}
+    final, run_dir = launch(SMOKE_DISTILL, small(out, "student_resume", digits_root, **args,
+                                                  **{"schedule.max_steps": 20}))
+    assert final["step"] == 20
+    final, _ = launch(SMOKE_DISTILL, small(out, "student_resume", digits_root, **args,
+                                            **{"schedule.max_steps": 30}))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30] and final["step"] == 30  # the relaunch went on from step 20
+
+
 def test_teacher_and_student_see_the_identical_view(teacher_run, digits_root, tmp_path):
     out, _, teacher_dir = teacher_run
     cfg = load_config(SMOKE_DISTILL, small(out, "unit", digits_root, **{
@@ -93,10 +106,71 @@ def test_teacher_and_student_see_the_identical_view(teacher_run, digits_root, tm
     assert not torch.allclose(seen["student"], images)  # and that view was mixed, once
 
 
-def test_kl_is_zero_for_identical_outputs_and_positive_otherwise():
-    logits = torch.randn(4, 10)
-    assert kl_teacher_student(logits, logits, 2.0).abs() < 1e-6
-    assert kl_teacher_student(logits, torch.randn(4, 10), 2.0) > 0
+def test_kl_equals_a_hand_computation():
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    student = torch.tensor([[0.0, 1.0, 0.0], [1.0, -2.0, 0.0]])
+    t = 2.0
+    expected = 0.0
+    for row_t, row_s in zip(teacher.tolist(), student.tolist()):
+        p = [math.exp(v / t) for v in row_t]
+        q = [math.exp(v / t) for v in row_s]
+        p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected = expected / 2 * t * t  # batch mean, times T^2
+    assert kl_teacher_student(teacher, student, t).item() == pytest.approx(expected, rel=1e-6)
+    assert kl_teacher_student(teacher, teacher, t).abs() < 1e-7
+
+
+def test_teacher_parameters_do_not_change_while_the_student_trains(teacher_run, digits_root):
+    from pipeline.data.stream import Position
+
+    out, _, teacher_dir = teacher_run
+    cfg = load_config(SMOKE_DISTILL, small(out, "frozen", digits_root, **{"distill.teacher": str(teacher_dir),
+                                                                         "data.num_workers_per_rank": 0}))
+    task = DistillClassifierTask(cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    student = task.build_model().train()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    batches = task.train_batches(0, 1, Position())
+    for _ in range(3):
+        loss, _ = task.loss(student, next(batches)[0])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = task.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics alike
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+
+
+def test_clip_teacher_logits_equal_the_evaluation_stage_zero_shot_logits(tmp_path, digits_root):
+    import open_clip
+
+    from pipeline.evaluation.zero_shot import LOGIT_SCALE, build_classifier
+    from pipeline.models.clip import register_tiny_configs
+    from pipeline.tasks.distill import TeacherLogits, load_teacher, zero_shot_prompts
+
+    register_tiny_configs()
+    torch.manual_seed(1)
+    weights = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model("clip-tiny-rn").state_dict(), weights)
+    cfg = load_config(SMOKE_DISTILL, [f"data.train={digits_root}/labelled/train", f"distill.teacher={weights}",
+                                      "distill.teacher_model=clip-tiny-rn",
+                                      f"distill.zeroshot_classes={digits_root}/zeroshot"])
+    resolved = load_teacher(cfg)
+    teacher = TeacherLogits(resolved, cfg, torch.device("cpu"))
+    images = torch.randn(4, 3, 32, 32)  # normalised with the student's statistics (data.mean/std)
+    classnames, templates = zero_shot_prompts(cfg)
+    # The evaluation stage's zero-shot logits on the same pixels, normalised with the teacher's own stats.
+    classifier = build_classifier(resolved.model, resolved.tokenizer, classnames, templates, torch.device("cpu"))
+    mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    norm = next(t for t in resolved.preprocess.transforms if type(t).__name__ == "Normalize")
+    pixels = images * std + mean
+    theirs = (pixels - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(resolved.model.encode_image(theirs), dim=-1)
+    expected = LOGIT_SCALE * features @ classifier
+    assert torch.allclose(teacher(images), expected, atol=1e-4)
+    assert expected.shape == (4, 10)
 
 
 def test_missing_teacher_run_names_the_command_that_makes_it(tmp_path, digits_root, capsys):

@@ -90,3 +90,18 @@ def test_fewer_shards_than_readers_does_not_starve_a_rank(ray_session, digits_ro
                                                   "data.num_classes": 10}))
     assert final["step"] == 16
     assert [r["step"] for r in metrics_rows(run_dir) if "loss" in r] == [8, 16]
+
+
+def test_zero2_two_worker_checkpoint_resolves_and_scores_like_validation(first_run, digits_root):
+    from pipeline.evaluation.resolver import resolve
+    from pipeline.evaluation.tasks import EvalOptions, evaluate
+
+    _, _, run_dir = first_run
+    final = json.loads((run_dir / "final_metrics.json").read_text())  # the last run's validation
+    resolved = resolve(str(run_dir))  # ZeRO-2 shards of 2 ranks, consolidated to fp32
+    assert resolved.kind == "classifier" and resolved.step == final["step"] and resolved.source == "run_dir"
+    result = evaluate("classify", resolved, Path(f"{digits_root}/labelled/val"),
+                      EvalOptions(split="test", batch_size=64, num_workers=0, device="cpu", amp=False))
+    # the same weights, images and transform as the trainer's validation: at most a near-tie apart
+    assert abs(100 * result["metrics"]["acc1"] - final["val_top1"]) <= 100 / 360 + 1e-9
+    assert result["checkpoint_step"] == final["step"]
