@@ -14,9 +14,8 @@ on the device by pipeline.data.fast_image.normalize_on_device, which is not load
 Cases:
   open_clip_train     open_clip_train.data.get_wds_dataset in the reference venv
   ours                `launch benchmark-data --config benchmarks/loader_clip_b32.yaml --interpolation bicubic`
-                      (fast decode path, the stream as committed)
-  ours+seedfix        the same with the per-sample seeding fix proposed for stream.py (benchmarks/_seed_fix.py)
-  ours-plain          `--decode plain`: today's training loader (PIL + timm transform, bilinear), for context
+                      (the training loader: fast decode path)
+  ours-plain          `--decode plain`: the PIL + timm transform path (data.fast_decode false), for context
 
 Per core: samples/s divided by loader worker processes. On a shared machine wall time includes other
 people's load, so each run also reports samples per CPU-second (workers + main process, from /proc):
@@ -62,7 +61,7 @@ def run_reference(shards: Path, samples: int, workers: int, steps: int) -> dict:
 
 
 def run_ours(shards: Path, workers: int, steps: int, variant: str) -> dict:
-    entry = ["benchmarks/_seed_fix.py"] if variant == "ours+seedfix" else ["-m", "launch"]
+    entry = ["-m", "launch"]
     args = ["benchmark-data", "--config", "benchmarks/loader_clip_b32.yaml", "--data", str(shards),
             "--workers", str(workers), "--steps", str(steps)]
     args += ["--decode", "plain"] if variant == "ours-plain" else ["--decode", "fast", "--interpolation", "bicubic"]
@@ -86,7 +85,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=40, help="timed batches of 64 per run (after warm-up)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--cases", nargs="+", default=["open_clip_train", "ours", "ours+seedfix", "ours-plain"])
+    parser.add_argument("--cases", nargs="+", default=["open_clip_train", "ours", "ours-plain"])
     parser.add_argument("--out", default="/tmp/bench/results/loader_vs_open_clip.jsonl")
     args = parser.parse_args()
     shards = Path(args.shards)
