@@ -64,7 +64,7 @@ def run_ours(shards: Path, workers: int, steps: int, variant: str) -> dict:
     entry = ["-m", "launch"]
     args = ["benchmark-data", "--config", "benchmarks/loader_clip_b32.yaml", "--data", str(shards),
             "--workers", str(workers), "--steps", str(steps)]
-    args += ["--decode", "plain"] if variant == "ours-plain" else ["--decode", "fast", "--interpolation", "bicubic"]
+    args += ["--decode", "plain" if variant == "ours-plain" else "fast", "--interpolation", "bicubic"]
     command = [sys.executable, *entry, *args]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
