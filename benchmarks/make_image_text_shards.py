@@ -47,7 +47,8 @@ def _photo_crop(photos: list[np.ndarray], rng: np.random.Generator, size_px: int
 
 
 def write_shards(output: Path, num_samples: int, num_shards: int, size_px: int = 256, quality: int = 95,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, num_labels: int = 0) -> dict:
+    """num_labels > 0 also writes a `cls` per sample, so one set of shards serves classifiers too."""
     import webdataset as wds
     from sklearn.datasets import load_sample_images
 
@@ -64,8 +65,11 @@ def write_shards(output: Path, num_samples: int, num_shards: int, size_px: int =
                 buffer = io.BytesIO()
                 _photo_crop(photos, rng, size_px).save(buffer, format="JPEG", quality=quality)
                 caption = " ".join(rng.choice(WORDS, size=int(rng.integers(5, 21))))
-                sink.write({"__key__": f"{index:08d}", "jpg": buffer.getvalue(), "txt": caption,
-                            "json": json.dumps({"caption": caption, "width": size_px, "height": size_px})})
+                sample = {"__key__": f"{index:08d}", "jpg": buffer.getvalue(), "txt": caption,
+                          "json": json.dumps({"caption": caption, "width": size_px, "height": size_px})}
+                if num_labels:
+                    sample["cls"] = str(index % num_labels)
+                sink.write(sample)
                 total_bytes += buffer.tell()
                 index += 1
         sizes[name] = count
@@ -79,12 +83,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--labels", type=int, default=0, help="also write cls = index %% LABELS (classifier shards)")
     args = parser.parse_args()
     output = Path(args.output)
     if (output / "sizes.json").is_file() and sum(json.loads((output / "sizes.json").read_text()).values()) == args.samples:
         print(f"shards ready: {output}")
         return
-    print(json.dumps({"output": str(output), **write_shards(output, args.samples, args.shards, args.size)}))
+    print(json.dumps({"output": str(output), **write_shards(output, args.samples, args.shards, args.size,
+                                                                num_labels=args.labels)}))
 
 
 if __name__ == "__main__":
