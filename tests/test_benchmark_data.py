@@ -19,9 +19,9 @@ from PIL import Image
 
 from launch.cli import main
 from pipeline.config import DataSection
-from pipeline.data.fast_image import (FastDecodeLabelled, FastRandomResizedCrop, UInt8Collate, fast_path_supported,
+from pipeline.data.fast_image import (FastRandomResizedCrop, UInt8Collate, fast_path_supported,
                                       fast_train_crop, normalize_on_device)
-from pipeline.data.labelled import DecodeLabelled, decode_image, train_transform
+from pipeline.data.labelled import DecodeLabelled, FastDecodeLabelled, decode_image, train_transform
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import resolve_shards
 from pipeline.data.stream import ResumableStream, seed_sample_rng

@@ -139,35 +139,6 @@ def image_bytes(raw: dict) -> bytes:
     return raw[key]
 
 
-class FastDecodeLabelled:
-    """raw sample -> (uint8 image, label); the fast twin of labelled.DecodeLabelled (picklable)."""
-
-    def __init__(self, crop: FastRandomResizedCrop):
-        self.crop = crop
-
-    def __call__(self, raw: dict) -> tuple[torch.Tensor, int]:
-        if "cls" not in raw:
-            raise SkipSample("no label")
-        try:
-            label = int(raw["cls"].decode().strip())
-        except ValueError:
-            raise SkipSample("bad label") from None
-        return self.crop(image_bytes(raw)), label
-
-
-class FastDecodeImageText:
-    """raw sample -> (uint8 image, caption); captions are tokenized per batch by UInt8Collate."""
-
-    def __init__(self, crop: FastRandomResizedCrop):
-        self.crop = crop
-
-    def __call__(self, raw: dict) -> tuple[torch.Tensor, str]:
-        from pipeline.data.image_text import read_caption  # late: image_text may import this module
-
-        caption = read_caption(raw)  # checked first: a captionless sample is not worth decoding
-        return self.crop(image_bytes(raw)), caption
-
-
 class UInt8Collate:
     """[(uint8 image, label or caption), ...] -> (uint8 NCHW channels_last batch, labels or token ids).
 

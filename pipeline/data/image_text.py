@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.labelled import decode_image, eval_transform, train_transform
 from pipeline.data.mixing import MixedStream
-from pipeline.data.fast_image import FastDecodeImageText, UInt8Collate, fast_path_supported, fast_train_crop
+from pipeline.data.fast_image import (FastRandomResizedCrop, UInt8Collate, fast_path_supported, fast_train_crop,
+                                      image_bytes)
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
 from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
@@ -40,6 +41,17 @@ def read_caption(raw: dict) -> str:
     if not caption:
         raise SkipSample("empty caption")
     return caption
+
+
+class FastDecodeImageText:
+    """raw sample -> (uint8 crop, caption); captions are tokenized per batch by UInt8Collate."""
+
+    def __init__(self, crop: FastRandomResizedCrop):
+        self.crop = crop
+
+    def __call__(self, raw: dict) -> tuple[torch.Tensor, str]:
+        caption = read_caption(raw)  # checked first: a captionless sample is not worth decoding
+        return self.crop(image_bytes(raw)), caption
 
 
 class DecodeImageText:

@@ -8,7 +8,8 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
-from pipeline.data.fast_image import FastDecodeLabelled, UInt8Collate, fast_path_supported, fast_train_crop
+from pipeline.data.fast_image import (FastRandomResizedCrop, UInt8Collate, fast_path_supported, fast_train_crop,
+                                      image_bytes)
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
 from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
@@ -28,20 +29,36 @@ def decode_image(raw: dict) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_label(raw: dict) -> int:
+    """The sample's class index; SkipSample with the reason when it has none."""
+    if "cls" not in raw:
+        raise SkipSample("no label")
+    try:
+        return int(raw["cls"].decode().strip())
+    except ValueError:
+        raise SkipSample("bad label") from None
+
+
 class DecodeLabelled:
-    """Picklable decode function (DataLoader workers may be spawned)."""
+    """Picklable decode function (DataLoader workers may be spawned): PIL decode + timm transform."""
 
     def __init__(self, transform):
         self.transform = transform
 
     def __call__(self, raw: dict) -> tuple[torch.Tensor, int]:
-        if "cls" not in raw:
-            raise SkipSample("no label")
-        try:
-            label = int(raw["cls"].decode().strip())
-        except ValueError:
-            raise SkipSample("bad label") from None
+        label = read_label(raw)
         return self.transform(decode_image(raw)), label
+
+
+class FastDecodeLabelled:
+    """raw sample -> (uint8 crop, label): the fast twin of DecodeLabelled (pipeline.data.fast_image)."""
+
+    def __init__(self, crop: FastRandomResizedCrop):
+        self.crop = crop
+
+    def __call__(self, raw: dict) -> tuple[torch.Tensor, int]:
+        label = read_label(raw)
+        return self.crop(image_bytes(raw)), label
 
 
 def train_transform(data_cfg):
