@@ -122,13 +122,21 @@ def git_revision() -> dict:
     return {"revision": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
 
 
-def spot_check(shard_path: str, key: str, source: str) -> None:
-    """The first sample of a shard must be readable and hold a decodable image."""
+def spot_check(shard_path: str, key: str, source: str, num_samples: int = 8) -> None:
+    """Some of the first samples of a shard must hold a decodable image. One bad sample is the trainer's
+    to skip and count; a shard where none of the first few decodes is a wrong dataset or a wrong format."""
     from pipeline.data.labelled import decode_image
     from pipeline.data.reader import SkipSample
     from pipeline.data.stream import TarSamples
 
-    try:
-        decode_image(TarSamples().read(shard_path, 0))
-    except SkipSample as why:
-        raise ConfigError(key, f"spot check of {shard_path}: first sample: {why}", source) from None
+    samples, reasons = TarSamples(), []
+    for index in range(num_samples):
+        try:
+            decode_image(samples.read(shard_path, index))
+            return
+        except SkipSample as why:
+            reasons.append(str(why))
+            if str(why).startswith("sample missing"):
+                break
+    raise ConfigError(key, f"spot check of {shard_path}: none of its first {len(reasons)} samples decodes "
+                      f"(first: {reasons[0]})", source)

@@ -253,6 +253,19 @@ class _Loop:
         return self.task.evaluate(module, self.rank, self.world_size)
 
 
+def _gather_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Skip reasons summed over every rank (each rank decodes only its own share)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(counts)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(counts))
+    total: dict[str, int] = {}
+    for part in parts:
+        for reason, count in part.items():
+            total[reason] = total.get(reason, 0) + count
+    return total
+
+
 @torch.no_grad()
 def average_buffers(module: torch.nn.Module) -> None:
     """Average float buffers (BatchNorm running statistics) over ranks, as timm's distribute_bn does.
@@ -307,7 +320,8 @@ class _Window:
             "data_wait_seconds": self.wait_seconds,
             "data_wait_fraction": self.wait_seconds / max(elapsed, 1e-9),
         }
-        if self.skipped:
-            row["skipped_samples"] = dict(self.skipped)
+        skipped = _gather_counts(self.skipped)
+        if skipped:
+            row["skipped_samples"] = skipped
         self._reset()
         return row

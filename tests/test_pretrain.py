@@ -82,14 +82,47 @@ def test_relaunch_resumes_at_next_step(first_run, digits_root):
     assert new_rows[0]["loss"] < metrics_rows(run_dir)[0]["loss"]
 
 
+def corrupted_copy(shard: str, out: Path, corrupt: set[int]) -> Path:
+    """The shard rewritten with the images of the given sample indices replaced by garbage."""
+    import webdataset as wds
+
+    from pipeline.data.reader import iter_tar_samples
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(out)) as sink:
+        for index, raw in enumerate(iter_tar_samples([shard], print)):
+            sample = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
+            if index in corrupt:
+                sample["jpg"] = b"\xff\xd8 truncated"
+            sink.write(sample)
+    return out
+
+
 def test_fewer_shards_than_readers_does_not_starve_a_rank(ray_session, digits_root, tmp_path):
     # one shard, 2 ranks x 2 loader workers = 4 readers: every reader still gets samples
-    one_shard = f"{digits_root}/labelled/train/00000.tar"
-    final, run_dir = launch(tiny_run_overrides(tmp_path, digits_root, one_shard,
+    corrupt = set(range(0, 200, 9))
+    shard = corrupted_copy(f"{digits_root}/labelled/train/00000.tar", tmp_path / "one" / "000.tar", corrupt)
+    final, run_dir = launch(tiny_run_overrides(tmp_path, digits_root, str(shard),
                                                **{"schedule.max_steps": 16, "checkpoint.every_steps": 0,
                                                   "data.num_classes": 10}))
     assert final["step"] == 16
-    assert [r["step"] for r in metrics_rows(run_dir) if "loss" in r] == [8, 16]
+    rows = [r for r in metrics_rows(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [8, 16]
+    # every corrupt sample a step consumed, on either rank, is counted once with its reason
+    from pipeline.data.shards import Shard
+    from pipeline.data.stream import EpochLayout
+
+    global_batch, positions = 32, 16 * 32
+    expected, epoch = 0, 0
+    while positions > 0:
+        layout = EpochLayout([Shard(str(shard), 200)], 0, epoch, True, 500)
+        used = min(positions, layout.num_samples // global_batch * global_batch)
+        expected += sum(layout.locate(p)[1] in corrupt for p in range(used))
+        positions, epoch = positions - used, epoch + 1
+    counted = sum(sum(r.get("skipped_samples", {}).values()) for r in rows)
+    assert expected > 0 and counted == expected
+    assert {reason for r in rows for reason in r.get("skipped_samples", {})} == {
+        "corrupt image (UnidentifiedImageError)"}
 
 
 def test_zero2_two_worker_checkpoint_resolves_and_scores_like_validation(first_run, digits_root):
