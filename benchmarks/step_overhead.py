@@ -26,7 +26,6 @@ import io
 import json
 import os
 import pstats
-import socket
 import statistics
 import sys
 import time
@@ -158,13 +157,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) ->
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
+    from pipeline.trainer import free_port
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)

@@ -69,13 +69,14 @@ def train_loop_per_worker(config_dict: dict) -> None:
 def run_worker(config_dict: dict) -> dict:
     """Plain-process entry (world size 1, or torchrun's environment variables)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world = int(os.environ.setdefault("RANK", "0")), int(os.environ.setdefault("WORLD_SIZE", "1"))
     local_rank = int(os.environ.setdefault("LOCAL_RANK", "0"))
     return run_training(config_dict, rank, world, local_rank, report=None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the rendezvous of a plain-process or benchmark process group)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
