@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_prep.dedup import HashRegistry, RayHashRegistry
+from data_prep.dedup import HashRegistry
 from data_prep.manifest import build_manifest, write_dataset_metadata
 from data_prep.partition import OK, PartitionResult, PartitionTask, process_partition, read_stats, stats_path
 from data_prep.rows import DUPLICATE_KEY_COL, EVAL_KINDS, RowSpec

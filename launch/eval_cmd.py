@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_plan(path: Path) -> int:
     from pipeline.evaluation.plan import load_plan, run_plan, summary_table
-    from pipeline.evaluation.tasks import write_result
     plan = load_plan(path)
     rows = []
     for row in run_plan(plan):

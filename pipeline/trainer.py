@@ -13,7 +13,6 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
