@@ -7,11 +7,13 @@ it might still be written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +116,12 @@ def load_consolidated(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta = read_meta(ckpt_dir)
     zero_files = list(ckpt_dir.glob("*optim_states.pt"))
     if meta.get("zero_stage", 0) > 0 and zero_files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        # DeepSpeed narrates its import and the consolidation on stdout (its logger binds sys.stdout when
+        # first imported); commands whose stdout is JSON need it on stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
     else:
         # Our own file (written by this pipeline), so a full unpickle is acceptable here.
         blob = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)

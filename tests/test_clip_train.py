@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.prepare import write_run_record
 from launch.pretrain import prepared_config, run_on_ray
@@ -66,3 +67,24 @@ def test_clip_relaunch_resumes_at_the_next_step(clip_run, digits_root):
     assert [r["step"] for r in new] == [70] and final["step"] == 70
     assert new[0]["loss"] < rows(run_dir)[0]["loss"] - 1.0  # continued from the trained weights
     assert "val_zeroshot_digits_acc1" in final
+
+
+def test_our_clip_checkpoint_evaluates_and_exports_like_training_saw_it(clip_run, digits_root, tmp_path):
+    import open_clip
+
+    from pipeline.evaluation.export import export
+    from pipeline.evaluation.resolver import resolve
+    from pipeline.evaluation.tasks import EvalOptions, evaluate
+
+    _, _, run_dir = clip_run
+    final = json.loads((run_dir / "final_metrics.json").read_text())  # the latest run's own zero-shot
+    resolved = resolve(str(run_dir))  # ZeRO-2 shards of 2 ranks -> a plain open_clip model
+    assert resolved.kind == "clip" and resolved.step == final["step"]
+    options = EvalOptions(batch_size=64, num_workers=0, device="cpu")
+    result = evaluate("zeroshot", resolved, Path(f"{digits_root}/zeroshot"), options)
+    assert abs(result["metrics"]["acc1"] - final["val_zeroshot_digits_acc1"]) <= 1 / 360 + 1e-9
+    # exported in open_clip's format, it loads in open_clip itself
+    weights, config = export(resolved, "open_clip", tmp_path / "clip.bin")
+    open_clip.add_model_config(str(config))
+    model = open_clip.create_model("clip-tiny-rn", pretrained=str(weights))
+    assert model.logit_scale.ndim == 0 and torch.allclose(model.logit_scale, resolved.model.logit_scale)

@@ -199,8 +199,12 @@ def _ours_classifier(cfg, state: dict[str, torch.Tensor]) -> dict:
 
 
 def _ours_clip(cfg, state: dict[str, torch.Tensor]) -> dict:
-    # TODO(models): pipeline.models has no CLIP family yet (model.kind 'clip'); this assumes it builds an
-    # open_clip model by name the way open_clip.create_model does. Revisit when pipeline.models.clip lands.
+    # Our CLIP models are open_clip models (the tiny ones registered from pipeline/models/clip_configs);
+    # rebuilding the plain open_clip architecture makes exports load in open_clip unchanged
+    # (_adapt_open_clip_state reshapes our 1-element logit scale to open_clip's scalar).
+    from pipeline.models.clip import register_tiny_configs
+
+    register_tiny_configs()
     built = _open_clip_model(cfg.model.name, state, "checkpoint")
     return {**built, "library": "open_clip"}
 
