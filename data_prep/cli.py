@@ -47,6 +47,16 @@ def _add_fetch_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--user-agent", default=FetchOptions.user_agent)
 
 
+def _add_caption_table_args(parser: argparse.ArgumentParser) -> None:
+    """Caption tables in, shards out: what image-text and retrieval sets share."""
+    parser.add_argument("--input", action="append", required=True, help="table or glob (repeatable)")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--caption-col", required=True)
+    _add_image_source(parser)
+    for add in (_add_image_args, _add_job_args, _add_fetch_args):
+        add(parser)
+
+
 def _add_image_source(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--url-col", help="column of image URLs")
@@ -60,13 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     it = sub.add_parser("image-text", help="caption tables (parquet/CSV/TSV/JSONL) to image-text shards")
-    it.add_argument("--input", action="append", required=True, help="table or glob (repeatable)")
-    it.add_argument("--output", type=Path, required=True)
-    it.add_argument("--caption-col", required=True)
+    _add_caption_table_args(it)
     it.add_argument("--key-col", help="column of unique sample keys (default: shard + row number)")
-    _add_image_source(it)
-    for add in (_add_image_args, _add_job_args, _add_fetch_args):
-        add(it)
     it.set_defaults(handler=_run_image_text)
 
     lab = sub.add_parser("labelled", help="ImageFolder tree or path/label table to labelled shards")
@@ -82,13 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--templates", type=Path, help="file of prompt templates with {c}, one per line")
     zs.set_defaults(handler=_run_zeroshot)
     rt = kinds.add_parser("retrieval", help="image-text retrieval set, several captions per image")
-    rt.add_argument("--input", action="append", required=True)
-    rt.add_argument("--output", type=Path, required=True)
-    rt.add_argument("--caption-col", required=True)
+    _add_caption_table_args(rt)
     rt.add_argument("--image-id-col", help="rows sharing this value are one image (default: the image column)")
-    _add_image_source(rt)
-    for add in (_add_image_args, _add_job_args, _add_fetch_args):
-        add(rt)
     rt.set_defaults(handler=_run_retrieval)
 
     sample = sub.add_parser("sample", help="write a small real offline sample corpus")
