@@ -18,7 +18,8 @@ def run_on_ray(spec: RowSpec, todo: list[PartitionTask], out_dir: str, job: JobO
     """Run every partition as a task, at most 2 x num_workers in flight; results in completion order."""
     import ray
 
-    started_here = _ensure_ray(job.num_workers, job.address)
+    # --address, else RAY_ADDRESS attaches on purpose; neither means a private local cluster.
+    started_here = _ensure_ray(job.num_workers, job.address or os.environ.get("RAY_ADDRESS") or None)
     try:
         # Partitions are idempotent (atomic renames), so Ray may safely retry a lost worker's task.
         remote = ray.remote(num_cpus=1, max_retries=2)(process_partition)
@@ -54,6 +55,7 @@ def _ensure_ray(num_workers: int, address: str | None) -> bool:
         # machine that starves our workers behind everything else. Our workers are the job: nice 0,
         # like the processes of img2dataset or any other command the user runs.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_workers, include_dashboard=False, configure_logging=False)
+        # address="local": private, never the cluster a stale session pointer file names.
+        ray.init(address="local", num_cpus=num_workers, include_dashboard=False, configure_logging=False)
     return True
 

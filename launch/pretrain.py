@@ -59,7 +59,9 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
         else:
             needed_cpus = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999)
             # The dashboard serves Ray's state API, which Ray Train polls; on loopback only.
-            ray.init(num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=True,
+            # address="local": a private cluster every time. Without it Ray attaches to whatever its
+            # session pointer file names (another user's cluster, or a dead one left behind).
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=True,
                      dashboard_host="127.0.0.1")
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})}
