@@ -102,6 +102,12 @@ class ModelSection:
     grad_checkpointing: bool = False
     channels_last: bool = False
     """Feed NHWC batches (weights stay NCHW under DeepSpeed, see docs)."""
+    compile: bool = False
+    """torch.compile the model in place (nn.Module.compile, so checkpoint keys stay plain) before DeepSpeed
+    wraps it; the loss, mixup and the contrastive gather stay eager. Off by default: the first steps pay the
+    compile (minutes for a ResNet-50), which only long GPU runs win back."""
+    compile_mode: Optional[str] = None
+    """torch.compile mode: null (default), 'reduce-overhead' or 'max-autotune'."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,9 @@ class OptimSection:
     """Global gradient norm clip (DeepSpeed gradient_clipping); null disables."""
     loss: str = "ce"
     """'ce' (softmax cross-entropy) or 'bce' (sigmoid, as ResNet strikes back)."""
+    bce_target_threshold: Optional[float] = None
+    """loss 'bce' only: targets above this become 1, the rest 0, after mixup/cutmix (timm's
+    BinaryCrossEntropy(target_threshold=...); ResNet strikes back uses 0.2); null keeps soft targets."""
     label_smoothing: float = 0.0
     ema_decay: Optional[float] = None
     """Weight EMA decay per step (e.g. 0.9998); null disables."""
@@ -187,6 +196,10 @@ class DeepSpeedSection:
     precision: str = "auto"
     """'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16'."""
     gradient_accumulation_steps: int = 1
+    comm_dtype: str = "fp32"
+    """Gradient all-reduce dtype under bf16 autocast. 'fp32' (default) reduces fp32 gradients, as timm and
+    open_clip do with DDP + AMP; 'bf16' opts in to DeepSpeed's default of reducing Linear/Conv gradients in
+    bf16 (half the bytes, rounding error that grows with the number of ranks)."""
     extra: dict = field(default_factory=dict)
     """Raw keys merged into the generated DeepSpeed JSON (advanced)."""
 
@@ -206,6 +219,12 @@ class RaySection:
     the run directory. Checkpoints and metrics always go to run.output_dir (a shared POSIX filesystem)."""
     torch_threads_per_worker: Optional[int] = None
     """Intra-op threads per rank; defaults to cpus_per_worker."""
+    cudnn_benchmark: bool = True
+    """GPU: let cuDNN pick the fastest convolution algorithms for the (fixed) input shapes, as timm and
+    open_clip_train do."""
+    tf32_matmul: bool = True
+    """GPU: fp32 matmuls and convolutions may use TF32 tensor cores (open_clip_train's default); only the
+    fp32 parts of an autocast step are affected."""
 
 
 @dataclass(frozen=True)
@@ -352,6 +371,8 @@ _CHOICES = {
     "optim.loss": ("ce", "bce"),
     "schedule.kind": ("cosine", "step"),
     "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
+    "deepspeed.comm_dtype": ("fp32", "bf16"),
+    "model.compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.sample_corpus": ("digits", None),
 }
 
@@ -397,6 +418,10 @@ def validate(cfg: Config) -> None:
     check(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
     check(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
+    threshold = cfg.optim.bce_target_threshold
+    check(threshold is None or cfg.optim.loss == "bce", "optim.bce_target_threshold",
+          "applies to optim.loss: bce only (set it to null for cross-entropy)")
+    check(threshold is None or 0 <= threshold < 1, "optim.bce_target_threshold", f"must be in [0, 1), got {threshold}")
     check(cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0, "optim.grad_clip_norm", "must be > 0")
     check(cfg.optim.ema_decay is None or 0 < cfg.optim.ema_decay < 1, "optim.ema_decay", "must be in (0, 1)")
     check(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "each must be in [0, 1)")

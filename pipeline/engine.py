@@ -31,6 +31,11 @@ def deepspeed_config(ds_cfg, optim_cfg, batch_size_per_rank: int, on_gpu: bool) 
         # fp32 weights + autocast: 0.84x of plain torch on H100 vs 0.66x for DeepSpeed's bf16 weights mode
         # (ANCHORS.md), and BatchNorm stays in fp32.
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        if ds_cfg.comm_dtype == "fp32":
+            # DeepSpeed tags Linear/Conv weights (its "lower precision safe modules") with the autocast
+            # dtype as their gradient communication dtype, so most gradients would be bucketed, pre-divided
+            # and all-reduced in bf16. No tagged module: every gradient is reduced in its own dtype, fp32.
+            config["torch_autocast"]["lower_precision_safe_modules"] = []
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return _merge(config, ds_cfg.extra)
