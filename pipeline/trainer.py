@@ -93,6 +93,11 @@ def _setup_process(cfg: Config, rank: int, local_rank: int) -> torch.device:
     torch.manual_seed(cfg.run.seed)  # same init on every rank; DeepSpeed broadcasts rank 0's anyway
     if on_gpu:
         torch.cuda.set_device(local_rank)
+        # What timm's and open_clip's training scripts set: fixed input shapes let cuDNN pick by benchmark;
+        # TF32 only touches the fp32 parts of an autocast step.
+        torch.backends.cudnn.benchmark = cfg.ray.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = cfg.ray.tf32_matmul
+        torch.backends.cudnn.allow_tf32 = cfg.ray.tf32_matmul
     if not dist.is_initialized():
         import deepspeed
 
@@ -108,6 +113,10 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
     plan = make_plan(cfg, task.num_train_samples, world_size)
 
     model = task.build_model()
+    if cfg.model.compile:
+        # In place (nn.Module.compile): state_dict keys stay plain, so checkpoints, export and eval are
+        # the same as an eager run's. DeepSpeed's gradient hooks sit on the parameters and still fire.
+        model.compile(mode=cfg.model.compile_mode)
     optimizer = build_optimizer(task.param_groups(model), cfg.optim)
     scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, cfg.schedule, plan.steps_per_epoch)
     ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.data.batch_size_per_rank, device.type == "cuda")
