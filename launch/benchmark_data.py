@@ -16,9 +16,9 @@ import os
 import tarfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline.config import Config, load_config
 from pipeline.data.fast_image import fast_path_supported
@@ -164,7 +164,7 @@ def tokenizer_for(cfg: Config):
     return open_clip.get_tokenizer(DEFAULT_TOKENIZER)
 
 
-def build_loader(cfg: Config, shards: list[Shard], kind: str, decode: str) -> DataLoader:
+def build_loader(cfg: Config, shards: list[Shard], kind: str, decode: str) -> Iterable:
     """Rank 0 of 1 of exactly the loader the training task calls (same stream, workers, prefetch)."""
     data = dataclasses.replace(cfg.data, fast_decode=decode == "fast")
     if kind == "labelled":
@@ -178,11 +178,13 @@ def build_loader(cfg: Config, shards: list[Shard], kind: str, decode: str) -> Da
                              batch_size=data.batch_size_per_rank)
 
 
-def measure(loader: DataLoader, steps: int, warmup: int) -> Measurement:
+def measure(loader: Iterable, steps: int, warmup: int) -> Measurement:
     batches = iter(loader)
     for _ in range(warmup):
         next(batches)
-    pids = [w.pid for w in getattr(batches, "_workers", [])]
+    # The training iterable wraps the DataLoader (full_batches.py): its workers are the loader's.
+    inner = getattr(batches, "loader_iterator", batches)
+    pids = [w.pid for w in getattr(inner, "_workers", [])]
     cpu_start, wall_start = _cpu_seconds(pids), time.perf_counter()
     samples = 0
     for _ in range(steps):

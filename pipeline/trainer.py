@@ -6,6 +6,7 @@ a machine where Ray is not installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -117,7 +118,7 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
         # In place (nn.Module.compile): state_dict keys stay plain, so checkpoints, export and eval are
         # the same as an eager run's. DeepSpeed's gradient hooks sit on the parameters and still fire.
         model.compile(mode=cfg.model.compile_mode)
-    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
+    optimizer = build_optimizer(task.param_groups(model), cfg.optim, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, cfg.schedule, plan.steps_per_epoch)
     ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.data.batch_size_per_rank, device.type == "cuda")
     engine = initialize(model, optimizer, scheduler, ds_config)
@@ -222,7 +223,7 @@ class _Loop:
         self._average_buffers()  # the checkpoint holds the statistics validation used
         client_state = {"step": step}
         if self.position is not None:
-            client_state["data_position"] = {"epoch": self.position.epoch, "offset": self.position.offset}
+            client_state["data_position"] = dataclasses.asdict(self.position)  # epoch, offset, spares
         if self.ema is not None:
             client_state["ema"] = self.ema.module.state_dict()
         meta = {"epoch": step / self.plan.steps_per_epoch, "config": cfg.to_dict(),

@@ -199,10 +199,34 @@ def test_corrupt_samples_are_skipped_and_counted_once(tmp_path):
             samples += len(labels)
     assert samples == 35
     assert skipped == {"corrupt image (UnidentifiedImageError)": 4, "bad label": 1}
-    # training: the first epoch (40 // 8 = 5 global micro-batches = all 40 samples) counts the same
-    skipped = collections.Counter()
-    for rank in range(2):
-        loader = labelled_loader(shards, data, rank, 2, 0, training=True, batch_size=4)
-        for _, (_, reasons, position) in zip(range(5), loader):
-            skipped.update(reasons)
-    assert skipped == {"corrupt image (UnidentifiedImageError)": 4, "bad label": 1}
+    # training, the two ranks as threads exchanging their shortfalls as a process group would: every
+    # micro-batch is topped up to 4 samples from spares at the epoch's end (pipeline/data/full_batches.py),
+    # and each sample the first epoch read is trained on or counted once with its reason
+    import threading
+
+    from pipeline.data.full_batches import LocalExchange
+    from pipeline.data.stream import EpochLayout
+
+    exchange, runs = LocalExchange(2, timeout_seconds=60), [None, None]
+
+    def train_epoch(rank: int) -> None:
+        out = []
+        for (_, labels), reasons, position in labelled_loader(shards, data, rank, 2, 0, training=True, batch_size=4,
+                                                              exchange=exchange.for_rank(rank)):
+            if position.epoch:
+                break
+            out.append((len(labels), reasons, position))
+        runs[rank] = out
+
+    threads = [threading.Thread(target=train_epoch, args=(rank,)) for rank in range(2)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert all(size == 4 for run in runs for size, _, _ in run)
+    last = runs[0][-1][2]
+    layout = EpochLayout(shards, 0, 0, True, data.shuffle_buffer)
+    read = [layout.locate(p)[1] for p in [*range(last.offset), *range(40 - last.spares, 40)]]
+    expected = collections.Counter("bad label" if i == 25 else "corrupt image (UnidentifiedImageError)"
+                                   for i in read if i in (3, 18, 19, 20, 25))
+    skipped = sum((reasons for run in runs for _, reasons, _ in run), collections.Counter())
+    assert skipped == expected and sum(expected.values()) >= 3
+    assert 4 * 2 * len(runs[0]) + sum(skipped.values()) == len(read)

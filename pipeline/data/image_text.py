@@ -7,11 +7,12 @@ skipped and counted with its reason, never fatal.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.data.full_batches import Exchange, training_batches
 from pipeline.data.labelled import decode_image, eval_transform, train_transform
 from pipeline.data.mixing import MixedStream
 from pipeline.data.fast_image import (FastRandomResizedCrop, UInt8Collate, fast_path_supported, fast_train_crop,
@@ -66,14 +67,14 @@ class DecodeImageText:
         return image, self.tokenizer([caption])[0]
 
 
-
-
 def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable, rank: int, world_size: int,
                       seed: int, training: bool, batch_size: int, weights: tuple[float, ...] | None = None,
-                      start: Position = Position()) -> DataLoader:
-    """Training: endless (batch, skipped, position) micro-batches, several weighted sources mixed per
+                      start: Position = Position(), exchange: Exchange | None = None) -> Iterable:
+    """Training: endless (batch, skipped, position) micro-batches, each exactly batch_size samples
+    (full_batches.py; `exchange` defaults to torch.distributed's), several weighted sources mixed per
     sample (without weights all sources form one stream, each contributing by its size); evaluation:
     (batch, skipped), every sample once. A batch is (images, token ids)."""
+    workers = data_cfg.num_workers_per_rank
     if training:
         if data_cfg.fast_decode and fast_path_supported(data_cfg) is None:
             # uint8 crops; captions tokenized once per batch in the collate
@@ -87,10 +88,9 @@ def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable,
             stream = ResumableStream([s for source in sources for s in source], rank, world_size, batch_size,
                                      decode, seed=seed, shuffle_window=data_cfg.shuffle_buffer, start=start,
                                      collate=collate)
-    else:
-        decode = DecodeImageText(eval_transform(data_cfg), tokenizer)
-        stream = EvalStream([s for source in sources for s in source], rank, world_size, batch_size, decode)
-    workers = data_cfg.num_workers_per_rank
+        return training_batches(stream, workers, exchange)
+    decode = DecodeImageText(eval_transform(data_cfg), tokenizer)
+    stream = EvalStream([s for source in sources for s in source], rank, world_size, batch_size, decode)
     return DataLoader(
         stream, batch_size=None, collate_fn=as_is, num_workers=workers, persistent_workers=False,
         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,

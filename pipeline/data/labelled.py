@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from typing import Iterable
 
 import torch
 from PIL import Image
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.fast_image import (FastRandomResizedCrop, UInt8Collate, fast_path_supported, fast_train_crop,
                                       image_bytes)
+from pipeline.data.full_batches import Exchange, training_batches
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
 from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
@@ -77,8 +79,11 @@ def eval_transform(data_cfg):
 
 
 def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, seed: int, training: bool,
-                    batch_size: int, start: Position = Position()) -> DataLoader:
-    """Training: endless (batch, skipped, position) micro-batches; evaluation: (batch, skipped), each sample once."""
+                    batch_size: int, start: Position = Position(), exchange: Exchange | None = None) -> Iterable:
+    """Training: endless (batch, skipped, position) micro-batches, each exactly batch_size samples
+    (full_batches.py; `exchange` defaults to torch.distributed's); evaluation: (batch, skipped), each
+    sample once."""
+    workers = data_cfg.num_workers_per_rank
     if training:
         if data_cfg.fast_decode and fast_path_supported(data_cfg) is None:
             decode, collate = FastDecodeLabelled(fast_train_crop(data_cfg)), UInt8Collate()
@@ -86,9 +91,8 @@ def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, s
             decode, collate = DecodeLabelled(train_transform(data_cfg)), torch.utils.data.default_collate
         stream = ResumableStream(shards, rank, world_size, batch_size, decode, seed=seed,
                                  shuffle_window=data_cfg.shuffle_buffer, start=start, collate=collate)
-    else:
-        stream = EvalStream(shards, rank, world_size, batch_size, DecodeLabelled(eval_transform(data_cfg)))
-    workers = data_cfg.num_workers_per_rank
+        return training_batches(stream, workers, exchange)
+    stream = EvalStream(shards, rank, world_size, batch_size, DecodeLabelled(eval_transform(data_cfg)))
     return DataLoader(
         stream, batch_size=None, collate_fn=as_is, num_workers=workers, persistent_workers=False,
         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,

@@ -4,13 +4,15 @@ An epoch is one virtual stream: the shards in an epoch-seeded order, concatenate
 windows of `shuffle_window` consecutive positions (a seeded permutation per window), then dealt out
 in global micro-batches of `batch_size_per_rank x world_size` consecutive positions; rank r takes
 slice r of each. A DataLoader worker w builds the micro-batches k = w, w + W, ... counted from where
-the loader started, which is the order torch's DataLoader hands them back in.
+the loader started, which is the order torch's DataLoader hands them back in. A slice that lost
+samples to skips is topped up from spare positions at the end of the epoch by the training iterator
+(pipeline.data.full_batches), so every rank's micro-batch is full.
 
-So the samples a step sees are a pure function of (seed, epoch, position in the epoch): the loader's
-state is two integers, saved in every checkpoint. A resumed run continues at the exact next sample,
-with any world size (positions do not depend on it). The tail of an epoch shorter than one global
-micro-batch is skipped (at most batch_size_per_rank x world_size - 1 samples per epoch), which keeps
-every rank at the same number of steps.
+So the samples a step sees are a pure function of (seed, epoch, position in the epoch, skips): the
+loader's state is a small Position (epoch, offset, spares used), saved in every checkpoint. A resumed
+run continues at the exact next sample, with any world size (positions do not depend on it). The tail
+of an epoch that cannot fill one more global micro-batch is not read, which keeps every rank at the
+same number of steps.
 
 Samples are read by seeking inside the tar (an index of member offsets is built from the tar headers
 once per shard and worker), so a reader touches only the bytes of its own samples.
@@ -36,10 +38,12 @@ from pipeline.data.shards import Shard
 
 @dataclass(frozen=True)
 class Position:
-    """Where a stream stands: the next sample to read is `offset` of epoch `epoch`."""
+    """Where a stream stands: the next micro-batch starts at `offset` of epoch `epoch`, and the last
+    `spares` positions of that epoch were already used to top micro-batches up (full_batches.py)."""
 
     epoch: int = 0
     offset: int = 0
+    spares: int = 0
 
 
 def epoch_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
@@ -84,7 +88,7 @@ class EpochLayout:
 class TarSamples:
     """Random access to the samples of tar shards through their headers' offsets."""
 
-    def __init__(self, max_open: int = 8):
+    def __init__(self, max_open: int = 64):
         self._index: dict[str, list[tuple[str, list[tuple[str, int, int]]]]] = {}
         self._files: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.max_open = max_open
@@ -152,8 +156,17 @@ def seed_sample_rng(seed: int, epoch: int, position: int, all_devices: bool = Tr
         torch.default_generator.manual_seed(value)
 
 
+class ShortBatch(list):
+    """The decoded samples of a micro-batch slice that lost some to skips. The training iterator
+    (full_batches.FullBatches) tops it up with spare samples, then collates it."""
+
+
 class ResumableStream(IterableDataset):
-    """Yields (batch, skipped reasons Counter, Position after this micro-batch) for one rank (training)."""
+    """One rank's share of the global micro-batches (loader-worker side), from `start` on, forever.
+
+    Yields (batch, skipped reasons Counter, Position after this micro-batch): the collated batch when
+    every sample of the rank's slice decoded, else a ShortBatch of the samples that did. Training reads it
+    through full_batches.FullBatches, which tops short slices up so every rank's micro-batch is full."""
 
     def __init__(self, shards: list[Shard], rank: int, world_size: int, batch_size_per_rank: int,
                  decode: Callable[[dict], Any], seed: int, shuffle_window: int, start: Position = Position(),
@@ -162,18 +175,42 @@ class ResumableStream(IterableDataset):
         self.batch_size, self.decode, self.seed = batch_size_per_rank, decode, seed
         self.shuffle_window, self.start, self.collate = shuffle_window, start, collate
         self.global_batch = batch_size_per_rank * world_size
-        if sum(s.num_samples for s in shards) < self.global_batch:
+        self._layouts: dict[int, EpochLayout] = {}
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if sum(s.num_samples for s in self.shards) < self.global_batch:
             raise ValueError("fewer samples than one global micro-batch")
 
-    def micro_batches(self) -> Iterator[tuple[EpochLayout, int]]:
-        """(layout, first position) of every global micro-batch from the start position on, forever."""
-        epoch, offset = self.start.epoch, self.start.offset
-        while True:
+    def layout(self, epoch: int) -> EpochLayout:
+        """The position -> sample map of one epoch (the last two asked for are kept)."""
+        layout = self._layouts.get(epoch)
+        if layout is None:
             layout = EpochLayout(self.shards, self.seed, epoch, True, self.shuffle_window)
-            while offset + self.global_batch <= layout.num_samples:
+            self._layouts = {e: v for e, v in self._layouts.items() if e == epoch - 1}
+            self._layouts[epoch] = layout
+        return layout
+
+    def sample_key(self, epoch: int, position: int) -> tuple[int, int]:
+        """(epoch, position) that seeds a sample's augmentation."""
+        return epoch, position
+
+    def read(self, layout, position: int, store: "TarSamples"):
+        """The decoded sample at `position` of `layout`'s epoch; raises SkipSample with the reason."""
+        path, index = layout.locate(position)
+        seed_sample_rng(self.seed, *self.sample_key(layout.epoch, position), all_devices=False)
+        return self.decode(store.read(path, index))
+
+    def micro_batches(self) -> Iterator[tuple[Any, int]]:
+        """(layout, first position) of every global micro-batch from the start position on, forever.
+        Micro-batches never reach into the spares the start position says were used."""
+        epoch, offset, spares = self.start.epoch, self.start.offset, self.start.spares
+        while True:
+            layout = self.layout(epoch)
+            while offset + self.global_batch <= layout.num_samples - spares:
                 yield layout, offset
                 offset += self.global_batch
-            epoch, offset = epoch + 1, 0
+            epoch, offset, spares = epoch + 1, 0, 0
 
     def __iter__(self):
         info = get_worker_info()
@@ -186,14 +223,12 @@ class ResumableStream(IterableDataset):
             items, skipped = [], collections.Counter()
             for position in range(begin, begin + self.batch_size):
                 try:
-                    path, index = layout.locate(position)
-                    seed_sample_rng(self.seed, layout.epoch, position, all_devices=False)
-                    items.append(self.decode(store.read(path, index)))
+                    items.append(self.read(layout, position, store))
                 except SkipSample as why:
                     skipped.update([str(why)])
-            if not items:
-                raise RuntimeError(f"rank {self.rank}: every sample of a micro-batch was undecodable: {dict(skipped)}")
-            yield self.collate(items), skipped, Position(layout.epoch, first + self.global_batch)
+            batch = self.collate(items) if len(items) == self.batch_size else ShortBatch(items)
+            spares = self.start.spares if layout.epoch == self.start.epoch else 0
+            yield batch, skipped, Position(layout.epoch, first + self.global_batch, spares)
 
 
 class EvalStream(IterableDataset):
