@@ -162,7 +162,8 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip_norm: Optional[float] = None
-    """Global gradient norm clip (DeepSpeed gradient_clipping); null disables."""
+    """Global gradient norm clip (DeepSpeed gradient_clipping); null disables. LAMB clips at min(this, 1.0):
+    timm's Lamb clips the global norm at 1.0 itself."""
     loss: str = "ce"
     """'ce' (softmax cross-entropy) or 'bce' (sigmoid, as ResNet strikes back)."""
     bce_target_threshold: Optional[float] = None
@@ -430,6 +431,8 @@ def validate(cfg: Config) -> None:
     check(cfg.schedule.warmup_epochs < cfg.schedule.epochs, "schedule.warmup_epochs", "must be < schedule.epochs")
     check(cfg.schedule.max_steps is None or cfg.schedule.max_steps >= 1, "schedule.max_steps", "must be >= 1")
     check(0 <= cfg.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", f"must be 0-3, got {cfg.deepspeed.zero_stage}")
+    check(not (cfg.optim.name == "lamb" and cfg.deepspeed.zero_stage == 3), "deepspeed.zero_stage",
+          "LAMB is layer-wise at ZeRO stages 0-2 only (stage 3 steps flat sub-groups of all layers): use 0-2")
     check(cfg.deepspeed.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps", "must be >= 1")
     check(cfg.ray.num_workers >= 1, "ray.num_workers", "must be >= 1")
     check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.lamb import bind_zero_layout
+from pipeline.optim import grad_clip_norm
+
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     # bf16 with BatchNorm fails on CPU (ENVIRONMENT.md); autocast bf16 is the fast path on GPU.
@@ -24,8 +27,8 @@ def deepspeed_config(ds_cfg, optim_cfg, batch_size_per_rank: int, on_gpu: bool) 
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if optim_cfg.grad_clip_norm:
-        config["gradient_clipping"] = optim_cfg.grad_clip_norm
+    if grad_clip_norm(optim_cfg):
+        config["gradient_clipping"] = grad_clip_norm(optim_cfg)
     precision = resolve_precision(ds_cfg.precision, on_gpu)
     if precision == "bf16":
         # fp32 weights + autocast: 0.84x of plain torch on H100 vs 0.66x for DeepSpeed's bf16 weights mode
@@ -54,4 +57,5 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    bind_zero_layout(engine)  # LAMB's trust ratios stay per tensor inside ZeRO's flat partitions
     return engine

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.optim import Lamb
+
+from pipeline.lamb import TIMM_MAX_GRAD_NORM, Lamb
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
@@ -25,8 +26,21 @@ def build_optimizer(groups: list[dict], optim_cfg) -> torch.optim.Optimizer:
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps)
     if optim_cfg.name == "lamb":
-        return Lamb(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps)
+        # Its clip moves to DeepSpeed (grad_clip_norm below): inside the optimizer it would see only the
+        # group and partition ZeRO steps at a time, not the global norm.
+        return Lamb(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps, max_grad_norm=None)
     raise ValueError(f"optim.name: unknown optimizer {optim_cfg.name!r} (valid: sgd, adamw, lamb)")
+
+
+def grad_clip_norm(optim_cfg) -> float | None:
+    """The global gradient norm clip DeepSpeed applies (its gradient_clipping), or None.
+
+    LAMB as timm trains it also clips at its max_grad_norm (1.0) after any clip of the training script;
+    two clips of the global norm in a row are one clip at the smaller bound.
+    """
+    if optim_cfg.name == "lamb":
+        return min(optim_cfg.grad_clip_norm or TIMM_MAX_GRAD_NORM, TIMM_MAX_GRAD_NORM)
+    return optim_cfg.grad_clip_norm
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule_cfg, steps_per_epoch: int) -> float:
