@@ -2,7 +2,8 @@
 
     launch eval zeroshot     --checkpoint runs/smoke_clip --data data/wds_cifar10
     launch eval retrieval    --checkpoint ViT-B-32.safetensors --model ViT-B-32 --data data/wds_flickr8k
-    launch eval linear-probe --checkpoint runs/smoke_clip --data data/wds_cifar10   (needs train/ and test/)
+    launch eval linear-probe --checkpoint runs/smoke_clip --data data/wds_cifar10   (needs train/ and test/;
+                             --method clip_benchmark for CLIP_benchmark's AdamW probe)
     launch eval classify     --checkpoint runs/smoke_resnet --data data/digits/val
     launch eval --config eval_plan.yaml    (checkpoints x datasets x tasks; see pipeline.evaluation.plan)
 
@@ -22,7 +23,7 @@ from pathlib import Path
 _TASK_HELP = {
     "zeroshot": "zero-shot classification from class names x templates (acc1, acc5, mean per-class recall)",
     "retrieval": "image<->text recall@1/5/10 with several captions per image",
-    "linear-probe": "logistic regression on frozen image features (DIR/train and DIR/test)",
+    "linear-probe": "a linear classifier on frozen image features (DIR/train and DIR/test)",
     "classify": "top-1 / top-5 of a classifier on labelled shards",
 }
 
@@ -54,20 +55,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for name in _TASK_HELP:
         task_parser = tasks.add_parser(name, help=_TASK_HELP[name], description=_TASK_HELP[name])
         _add_task_args(task_parser)
+        if name == "linear-probe":
+            task_parser.add_argument(
+                "--method", metavar="NAME",
+                help="logistic_regression: scikit-learn L-BFGS with a C sweep, as the CLIP paper (default); "
+                     "clip_benchmark: CLIP_benchmark's torch linear layer, AdamW lr 0.1, 10 epochs of "
+                     "--batch-size, weight decay swept on a 20%% validation split, comparable with its tables")
         task_parser.set_defaults(func=run, eval_task=name)
     parser.set_defaults(func=run)
     return parser
 
 
 def _options(args: argparse.Namespace):
+    from pipeline.evaluation.linear_probe import probe_method
     from pipeline.evaluation.tasks import EvalOptions
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    method = getattr(args, "method", None) or EvalOptions.probe_method
+    try:
+        probe_method(method)  # an unknown name stops here, listing the valid ones, before any model loads
+    except ValueError as err:
+        raise ValueError(f"--method: {err}") from None
     return EvalOptions(split=args.split, batch_size=args.batch_size, num_workers=args.workers,
-                       device=args.device, amp=args.amp)
+                       device=args.device, amp=args.amp, probe_method=method)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,20 +2,27 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from pipeline.lamb import TIMM_MAX_GRAD_NORM, Lamb
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
-    """Weight decay on weights only: norms, biases (any 1-D parameter) and named extras are exempt."""
+def weights_only(name: str, param: torch.Tensor) -> bool:
+    """The default exemption from weight decay: norms and biases (any 1-D parameter)."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 exempt: Callable[[str, torch.Tensor], bool] = weights_only) -> list[dict]:
+    """Two groups of the trainable parameters: with weight decay, and without it where `exempt(name, param)`
+    (a model family may bring its reference's rule, e.g. pipeline.models.clip.open_clip_train_exempt)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim <= 1 or name.endswith(".bias") or any(n in name.split(".") for n in no_decay_names)
-        (no_decay if exempt else decay).append(param)
+        (no_decay if exempt(name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -18,8 +19,7 @@ from pipeline.config import ContrastiveSection, DataSection, ModelSection
 from pipeline.data.image_text import image_text_loader
 from pipeline.data.mixing import MixedStream, SourceMix
 from pipeline.data.shards import Shard, resolve_shards
-from pipeline.models.clip import CLIP_NO_DECAY_NAMES, build_clip, get_tokenizer
-from pipeline.optim import param_groups
+from pipeline.models.clip import CLIP_CONFIG_DIR, build_clip, clip_param_groups, get_tokenizer
 from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_loss
 
 DATA = DataSection(image_size_px=32, val_crop_pct=1.0, num_workers_per_rank=0, shuffle_buffer=8)
@@ -114,7 +114,7 @@ def test_mixed_stream_reads_shards_by_weight_and_resumes_at_the_next_batch(tmp_p
 
 def _train_steps(model, steps: int = 3) -> None:
     loss_fn = build_contrastive_loss(ContrastiveSection(), rank=0, world_size=1)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1, CLIP_NO_DECAY_NAMES), lr=1e-2)
+    optimizer = torch.optim.AdamW(clip_param_groups(model, 0.1), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(steps):
@@ -157,16 +157,73 @@ def test_lit_partial_unlock_and_text_lock():
         build_clip(ModelSection(kind="clip", name="clip-tiny-rn"), cfg)  # the RN tower locks whole
 
 
-def test_no_weight_decay_for_norms_biases_embeddings_and_logit_scale():
-    model = build_clip(ModelSection(kind="clip", name="clip-tiny-vit"), ContrastiveSection(loss="siglip"))
-    decay, no_decay = param_groups(model, 0.2, CLIP_NO_DECAY_NAMES)
+# open_clip_train/main.py, verbatim: the parameters it trains without weight decay.
+OPEN_CLIP_TRAIN_EXCLUDE = """exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or 'logit_scale' in n"""
+
+
+def open_clip_train_groups(model: torch.nn.Module) -> tuple[set[str], set[str]]:
+    """(decayed, exempt) parameter names as open_clip_train/main.py splits them."""
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or 'logit_scale' in n  # noqa: E731
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return {n for n, p in named if not exclude(n, p)}, {n for n, p in named if exclude(n, p)}
+
+
+def our_groups(model: torch.nn.Module, weight_decay: float = 0.2) -> tuple[set[str], set[str]]:
     names = {id(p): n for n, p in model.named_parameters()}
-    exempt = {names[id(p)] for p in no_decay["params"]}
-    assert {"logit_scale", "logit_bias", "positional_embedding", "token_embedding.weight",
-            "visual.class_embedding", "visual.positional_embedding", "ln_final.weight",
-            "visual.conv1.weight"} - exempt == {"visual.conv1.weight"}
-    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
-    assert {"text_projection", "visual.proj", "visual.conv1.weight"} <= {names[id(p)] for p in decay["params"]}
+    groups = clip_param_groups(model, weight_decay)
+    decay = {names[id(p)] for g in groups if g["weight_decay"] == weight_decay for p in g["params"]}
+    exempt = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    return decay, exempt
+
+
+def test_reference_rule_is_still_open_clip_trains():
+    import open_clip_train.main
+
+    assert OPEN_CLIP_TRAIN_EXCLUDE in Path(open_clip_train.main.__file__).read_text()
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32-quickgelu", "ViT-B-16-SigLIP"])
+def test_weight_decay_groups_equal_open_clip_train_on_real_architectures(name):
+    # Built on the meta device: full-size parameter names and shapes, no memory, about a second.
+    model = open_clip.create_model(name, device="meta")
+    decay, exempt = our_groups(model)
+    assert (decay, exempt) == open_clip_train_groups(model)
+    # Embeddings are decayed (open_clip_train exempts only what is 1-D or named bn/ln/bias/logit_scale).
+    assert any(n.endswith("token_embedding.weight") for n in decay)
+    assert any(n.endswith("positional_embedding") for n in decay)
+
+
+@pytest.mark.parametrize("name, loss", [("clip-tiny-vit", "siglip"), ("clip-tiny-rn", "clip")])
+def test_weight_decay_groups_equal_open_clip_train_on_built_models(name, loss):
+    model = build_clip(ModelSection(kind="clip", name=name), ContrastiveSection(loss=loss))
+    decay, exempt = our_groups(model)
+    assert (decay, exempt) == open_clip_train_groups(model)
+    assert {"logit_scale", "ln_final.weight"} <= exempt and "token_embedding.weight" in decay
+    assert ("logit_bias" in exempt) == (loss == "siglip")
+    # LiT: locked parameters leave the optimizer entirely, in both.
+    locked = build_clip(ModelSection(kind="clip", name=name), ContrastiveSection(loss=loss, lock_image=True))
+    decay, exempt = our_groups(locked)
+    assert not any(n.startswith("visual.") for n in decay | exempt)
+    assert (decay, exempt) == open_clip_train_groups(locked)
+
+
+def test_siglip_starts_at_log10_and_minus10_whatever_the_architecture(tmp_path):
+    """SigLIP (Zhai et al. 2023): t' = log 10, b = -10 at init, for every image/text tower."""
+    # open_clip's own SigLIP configs set the bias but leave the scale at CLIP's log(1/0.07).
+    config = open_clip.get_model_config("ViT-B-16-SigLIP")
+    assert config["init_logit_bias"] == -10 and "init_logit_scale" not in config
+    # An architecture that brings other defaults of its own.
+    tiny = json.loads((CLIP_CONFIG_DIR / "clip-tiny-vit.json").read_text())
+    (tmp_path / "clip-tiny-own-init.json").write_text(json.dumps({**tiny, "init_logit_scale": 1.0,
+                                                                  "init_logit_bias": -3.0}))
+    open_clip.add_model_config(tmp_path / "clip-tiny-own-init.json")
+    for name in ("clip-tiny-vit", "clip-tiny-rn", "clip-tiny-own-init"):
+        model = build_clip(ModelSection(kind="clip", name=name), ContrastiveSection(loss="siglip"))
+        assert model.logit_scale.item() == pytest.approx(math.log(10)), name
+        assert model.logit_bias.item() == pytest.approx(-10.0), name
+    # The CLIP loss keeps what the architecture says.
+    model = build_clip(ModelSection(kind="clip", name="clip-tiny-own-init"), ContrastiveSection(loss="clip"))
+    assert model.logit_scale.item() == pytest.approx(1.0)
 
 
 def test_pretrained_open_clip_file_loads_safely(tmp_path):

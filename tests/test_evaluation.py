@@ -2,6 +2,7 @@
 brute force, linear probe on separable features, classify on a model with a known output."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,8 @@ from sklearn.metrics import balanced_accuracy_score
 
 from pipeline.evaluation import datasets
 from pipeline.evaluation.linear_probe import fit_and_score
+from pipeline.evaluation.linear_probe_adamw import (FIRST_INDICES, WEIGHT_DECAYS, fit_and_score_adamw,
+                                                    train_probe, tune_weight_decay)
 from pipeline.evaluation.resolver import resolve
 from pipeline.evaluation.retrieval import recall_metrics
 from pipeline.evaluation.tasks import EvalOptions, _zero_shot_prompts, evaluate, write_result
@@ -196,7 +199,73 @@ def test_linear_probe_separates_separable_features():
     assert metrics["regularization_C"] in np.logspace(-3, 4, 8)
 
 
-def test_linear_probe_end_to_end(tmp_path, clip_weights):
+def _blobs(seed: int, n_train: int = 200, n_test: int = 100, classes: int = 4, dim: int = 16):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, dim)) * 4
+
+    def draw(n):
+        labels = rng.integers(0, classes, n)
+        return (centers[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
+    return (*draw(n_train), *draw(n_test))
+
+
+def test_clip_benchmark_probe_separates_separable_features():
+    train_x, train_y, test_x, test_y = _blobs(0)
+    metrics = fit_and_score_adamw(train_x, train_y, test_x, test_y, batch_size=64, seed=0)
+    assert metrics["acc1"] >= 0.95 and metrics["mean_per_class_recall"] >= 0.95
+    assert metrics["weight_decay"] in WEIGHT_DECAYS and metrics["val_acc1"] >= 0.9
+    assert (metrics["lr"], metrics["epochs"], metrics["batch_size"]) == (0.1, 10, 64)
+    assert (metrics["num_train"], metrics["num_val"], metrics["num_test"]) == (200, 40, 100)
+    x, y = torch.from_numpy(train_x), torch.from_numpy(train_y).long()
+    first, second = (train_probe(x, y, 4, 1e-3, batch_size=64, seed=0) for _ in range(2))
+    assert torch.equal(first.weight, second.weight)  # a probe is a function of its seed: sweep results repeat
+
+
+def clip_benchmark_cosine_lr(base_lr, warmup_length, steps):
+    """CLIP_benchmark's metrics/linear_probe.py cosine_lr, restated for one parameter group."""
+    def lr_at(step):
+        if step < warmup_length:
+            return base_lr * (step + 1) / warmup_length
+        return 0.5 * (1 + np.cos(np.pi * (step - warmup_length) / (steps - warmup_length))) * base_lr
+    return lr_at
+
+
+def test_clip_benchmark_probe_trains_as_clip_benchmark_does():
+    """One minibatch per epoch (so no shuffle order to match): the same AdamW steps at its cosine lr."""
+    train_x, train_y, _, _ = _blobs(3, n_train=48)
+    x, y = torch.from_numpy(train_x), torch.from_numpy(train_y).long()
+    ours = train_probe(x, y, 4, 0.01, lr=0.1, epochs=5, batch_size=64, seed=7)
+    torch.manual_seed(7)
+    reference = torch.nn.Linear(16, 4)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=0.1, weight_decay=0.01)
+    lr_at = clip_benchmark_cosine_lr(0.1, 0.0, 5)
+    for step in range(5):
+        optimizer.param_groups[0]["lr"] = lr_at(step)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+    assert torch.allclose(ours.weight, reference.weight, atol=1e-6)
+    assert torch.allclose(ours.bias, reference.bias, atol=1e-6)
+
+
+def test_clip_benchmark_weight_decay_search():
+    """Its grid and search: 7 coarse points of logspace(-6, 2, 97), then spans 8, 4, 2, 1 around the peak."""
+    assert len(WEIGHT_DECAYS) == 97 and WEIGHT_DECAYS[0] == pytest.approx(1e-6) and WEIGHT_DECAYS[-1] == 100
+    assert [WEIGHT_DECAYS[i] for i in FIRST_INDICES] == pytest.approx(list(np.logspace(-6, 2, 7)))
+    for peak in (0, 23, 37, 58, 96):
+        tried = []
+
+        def unimodal(index, peak=peak):
+            tried.append(index)
+            return 1.0 - abs(index - peak) / 200
+        assert tune_weight_decay(unimodal) == peak
+        assert tried[:7] == list(FIRST_INDICES) and len(tried) == 7 + 3 * 4
+    assert tune_weight_decay(lambda index: 0.0) == 0  # nothing beats 0%: its first grid point
+    assert tune_weight_decay(lambda index: 0.5) == 0  # ties keep the first one tried
+
+
+@pytest.mark.parametrize("method", ["logistic_regression", "clip_benchmark"])
+def test_linear_probe_end_to_end(tmp_path, clip_weights, method):
     name, weights = clip_weights
     # Two classes that differ in brightness: a random ViT's features still separate them.
     dark = [img.point(lambda v: v // 4) for img in random_images(20, seed=11)]
@@ -207,9 +276,14 @@ def test_linear_probe_end_to_end(tmp_path, clip_weights):
     data = tmp_path / "probe"
     write_shards(data / "train", samples[:28], per_shard=10)
     write_shards(data / "test", samples[28:], per_shard=10)
-    result = evaluate("linear-probe", resolve(str(weights), name), data, OPTIONS)
-    assert result["metrics"]["acc1"] >= 0.9
+    options = dataclasses.replace(OPTIONS, probe_method=method)
+    result = evaluate("linear-probe", resolve(str(weights), name), data, options)
+    assert result["metrics"]["acc1"] >= 0.9 and result["metrics"]["method"] == method
     assert result["metrics"]["num_train"] == 28 and result["metrics"]["num_test"] == 12
+    assert ("weight_decay" in result["metrics"]) == (method == "clip_benchmark")
+    assert ("regularization_C" in result["metrics"]) == (method == "logistic_regression")
+    with pytest.raises(ValueError, match="unknown method 'svm' .valid: logistic_regression, clip_benchmark"):
+        evaluate("linear-probe", resolve(str(weights), name), data, dataclasses.replace(OPTIONS, probe_method="svm"))
 
 
 # -- classify ---------------------------------------------------------------------------------------

@@ -67,6 +67,33 @@ def test_user_errors_are_value_errors(launcher, setup, extra, message):
         args.func(args)
 
 
+def test_linear_probe_method_option(launcher, setup):
+    name, weights, data = setup
+    base = ["eval", "linear-probe", "--checkpoint", str(weights), "--model", name, "--data", str(data)]
+    assert eval_cmd._options(launcher.parse_args(base)).probe_method == "logistic_regression"  # the default
+    chosen = eval_cmd._options(launcher.parse_args([*base, "--method", "clip_benchmark"]))
+    assert chosen.probe_method == "clip_benchmark"
+    args = launcher.parse_args([*base, "--method", "svm"])
+    with pytest.raises(ValueError, match="--method: .*unknown method 'svm' .valid: logistic_regression, clip_bench"):
+        args.func(args)
+    with pytest.raises(SystemExit):  # only the linear probe has methods
+        launcher.parse_args(["eval", "zeroshot", "--checkpoint", "x", "--data", "y", "--method", "clip_benchmark"])
+
+
+def test_eval_plan_takes_the_probe_method(tmp_path):
+    from pipeline.evaluation.plan import load_plan
+
+    plan = tmp_path / "plan.yaml"
+    body = "output_dir: x\ncheckpoints: [a]\ndatasets: [{path: d, tasks: [linear-probe]}]\n"
+    plan.write_text(body + "probe_method: clip_benchmark\n")
+    assert load_plan(plan).options.probe_method == "clip_benchmark"
+    plan.write_text(body)
+    assert load_plan(plan).options.probe_method == "logistic_regression"
+    plan.write_text(body + "probe_method: svm\n")
+    with pytest.raises(ValueError, match=r"plan.yaml: probe_method: unknown method 'svm'"):
+        load_plan(plan)
+
+
 def test_standalone_main_prints_one_line(setup, capsys):
     name, weights, data = setup
     assert launch_main(["eval", "classify", "--checkpoint", str(weights), "--model", name, "--data", str(data)]) == 2

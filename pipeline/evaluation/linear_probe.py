@@ -1,10 +1,12 @@
-"""Linear probe: logistic regression on frozen image features.
+"""Linear probe on frozen image features, by one of two methods (the result names the one used):
 
-The regularisation strength C is chosen on a held-out part of the training features (as in the CLIP
-paper's sweep; CLIP_benchmark sweeps weight decay the same way), then the probe is refitted on all
-training features with that C and scored on the test split. Features are standardised with the
-training set's mean and std first, so one C grid suits normalised CLIP embeddings and raw classifier
-pre-logits alike (and L-BFGS converges in a fraction of the iterations).
+* 'logistic_regression' (default): scikit-learn L-BFGS logistic regression, as the CLIP paper probes.
+  The regularisation strength C is chosen on a held-out part of the training features, then the probe is
+  refitted on all training features with that C and scored on the test split. Features are standardised
+  with the training set's mean and std first, so one C grid suits normalised CLIP embeddings and raw
+  classifier pre-logits alike (and L-BFGS converges in a fraction of the iterations).
+* 'clip_benchmark': CLIP_benchmark's metrics/linear_probe.py, so numbers compare with its tables
+  (pipeline.evaluation.linear_probe_adamw).
 """
 from __future__ import annotations
 
@@ -134,21 +136,49 @@ def fit_and_score(
             "num_train": int(len(train_labels)), "num_test": int(len(test_labels))}
 
 
+def _logistic_regression(train_x, train_y, test_x, test_y, *, seed: int, device, batch_size: int) -> dict:
+    return {"method": "logistic_regression", **fit_and_score(train_x, train_y, test_x, test_y, seed=seed)}
+
+
+def _clip_benchmark(train_x, train_y, test_x, test_y, *, seed: int, device, batch_size: int) -> dict:
+    from pipeline.evaluation.linear_probe_adamw import fit_and_score_adamw
+
+    return {"method": "clip_benchmark",
+            **fit_and_score_adamw(train_x, train_y, test_x, test_y, batch_size=batch_size, seed=seed, device=device)}
+
+
+PROBE_METHODS: dict[str, Callable[..., dict]] = {
+    "logistic_regression": _logistic_regression,
+    "clip_benchmark": _clip_benchmark,
+}
+DEFAULT_METHOD = "logistic_regression"
+
+
+def probe_method(name: str) -> Callable[..., dict]:
+    if name not in PROBE_METHODS:
+        raise ValueError(f"linear probe: unknown method {name!r} (valid: {', '.join(PROBE_METHODS)})")
+    return PROBE_METHODS[name]
+
+
 def evaluate_linear_probe(
     model: torch.nn.Module,
     kind: str,
     train_batches: Iterable[Batch],
     test_batches: Iterable[Batch],
     device: torch.device,
-    cs: Sequence[float] = DEFAULT_CS,
-    val_fraction: float = 0.2,
+    method: str = DEFAULT_METHOD,
+    batch_size: int = 64,
     seed: int = 0,
     amp: bool = False,
 ) -> dict:
-    """Features of both splits, then `fit_and_score`; also reports skipped samples of both splits."""
+    """Features of both splits, then the probe `method` (PROBE_METHODS); also reports skipped samples.
+
+    `batch_size` is the probe's own minibatch where the method has one (clip_benchmark: as CLIP_benchmark,
+    the same --batch_size that extracts the features)."""
+    fit = probe_method(method)
     train_tally, test_tally = SkipTally(), SkipTally()
     train_x, train_y = extract_features(model, kind, train_batches, device, train_tally, "train features", amp=amp)
     test_x, test_y = extract_features(model, kind, test_batches, device, test_tally, "test features", amp=amp)
-    metrics = fit_and_score(train_x, train_y, test_x, test_y, cs, val_fraction, seed)
+    metrics = fit(train_x, train_y, test_x, test_y, seed=seed, device=device, batch_size=batch_size)
     skipped = train_tally.counts + test_tally.counts
     return {**metrics, "num_samples": test_tally.num_samples, "num_skipped": dict(sorted(skipped.items()))}

@@ -4,6 +4,7 @@
     batch_size: 64                     # optional, as the CLI flags
     workers: 2
     device: null
+    probe_method: clip_benchmark       # optional: the linear-probe method (default logistic_regression)
     checkpoints:
       - runs/smoke_clip                          # a REF ...
       - {ref: weights/tiny.pt, model: ViT-B-32}  # ... or a REF with its architecture
@@ -22,10 +23,12 @@ from typing import Iterator
 
 import yaml
 
+from pipeline.evaluation.linear_probe import PROBE_METHODS
 from pipeline.evaluation.resolver import ResolvedModel, resolve
 from pipeline.evaluation.tasks import TASKS, EvalOptions, can_run, evaluate, write_result
 
-_TOP_KEYS = {"output_dir", "checkpoints", "datasets", "batch_size", "workers", "device", "amp", "split"}
+_TOP_KEYS = {"output_dir", "checkpoints", "datasets", "batch_size", "workers", "device", "amp", "split",
+             "probe_method"}
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,12 @@ def load_plan(path: Path) -> Plan:
     for key in ("output_dir", "checkpoints", "datasets"):
         if not raw.get(key):
             raise _fail(path, key, "is required")
+    method = raw.get("probe_method", EvalOptions.probe_method)
+    if method not in PROBE_METHODS:
+        raise _fail(path, "probe_method", f"unknown method {method!r} (valid: {', '.join(PROBE_METHODS)})")
     options = EvalOptions(split=raw.get("split", "test"), batch_size=int(raw.get("batch_size", 64)),
                           num_workers=int(raw.get("workers", 2)), device=raw.get("device"),
-                          amp=bool(raw.get("amp", False)))
+                          amp=bool(raw.get("amp", False)), probe_method=method)
     return Plan(
         output_dir=Path(raw["output_dir"]),
         checkpoints=tuple(_checkpoint(c, path, i) for i, c in enumerate(raw["checkpoints"])),

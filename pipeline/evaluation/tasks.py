@@ -36,6 +36,9 @@ class EvalOptions:
     """'cpu', 'cuda', ...; None = the GPU when there is one."""
     amp: bool = False
     """bf16 autocast (GPU); fp32 otherwise."""
+    probe_method: str = "logistic_regression"
+    """Linear-probe method (pipeline.evaluation.linear_probe.PROBE_METHODS): 'logistic_regression' or
+    'clip_benchmark'."""
 
 
 def _device(options: EvalOptions) -> torch.device:
@@ -81,7 +84,8 @@ def run_linear_probe(resolved: ResolvedModel, data_dir: Path, options: EvalOptio
     train = _labelled(data_dir, options.train_split, resolved, options)
     test = _labelled(data_dir, options.split, resolved, options)
     return evaluate_linear_probe(resolved.model.to(_device(options)), resolved.kind, train, test,
-                                 _device(options), amp=options.amp)
+                                 _device(options), method=options.probe_method, batch_size=options.batch_size,
+                                 amp=options.amp)
 
 
 def run_classify(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:

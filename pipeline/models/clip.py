@@ -14,6 +14,7 @@ import open_clip
 import torch
 
 from pipeline.checkpoint import load_weights_file
+from pipeline.optim import param_groups
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
 # name -> what it is for; the JSON files are the architecture.
@@ -21,9 +22,6 @@ TINY_CLIP_MODELS: dict[str, str] = {
     "clip-tiny-rn": "ModifiedResNet tower [1,1,1,1] width 16 + 2-layer text, 32 px, embed 64 (4.6M params)",
     "clip-tiny-vit": "ViT tower 4x128 patch 8 + 2-layer text, 32 px, embed 64 (4.1M params)",
 }
-# Weight decay exemptions besides 1-D parameters (norms, biases, logit scale/bias): embeddings, as
-# open_clip_train and the CLIP paper exempt them. Matched against whole dotted name components.
-CLIP_NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "token_embedding", "logit_scale", "logit_bias")
 # SigLIP's initialisation (Zhai et al. 2023): t' = log 10, b = -10, so the many negatives start near 0 loss.
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
@@ -47,6 +45,21 @@ def check_clip_name(name: str) -> None:
                          f"open_clip.list_models(), e.g. RN50, ViT-B-32)")
 
 
+def open_clip_train_exempt(name: str, param: torch.Tensor) -> bool:
+    """open_clip_train's weight-decay exemption, verbatim (open_clip_train/main.py `exclude`).
+
+    Everything 1-D (norms, biases, class embedding, logit scale and bias) plus any parameter whose name
+    contains 'bn', 'ln', 'bias' or 'logit_scale'; 2-D embeddings (token, positional) ARE decayed. Substring
+    tests on parameter names are the reference's own rule, kept as is so our groups equal its groups.
+    """
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def clip_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer groups of a CLIP/SigLIP model: open_clip_train's. Locked (LiT) parameters stay out."""
+    return param_groups(model, weight_decay, exempt=open_clip_train_exempt)
+
+
 def get_tokenizer(name: str):
     register_tiny_configs()
     return open_clip.get_tokenizer(name)
@@ -59,9 +72,10 @@ def build_clip(model_cfg, contrastive_cfg) -> torch.nn.Module:
     # (and bias) are 1-element vectors, as open_clip's own `nonscalar_logit_scale` option makes them
     # (open_clip.load_checkpoint reshapes either way when loading).
     kwargs = {"nonscalar_logit_scale": True}
-    config = open_clip.get_model_config(model_cfg.name) or {}
-    if contrastive_cfg.loss == "siglip" and config.get("init_logit_bias") is None:
-        # A CLIP architecture trained with the sigmoid loss needs the learnable bias SigLIP adds.
+    if contrastive_cfg.loss == "siglip":
+        # The sigmoid loss starts from SigLIP's scale and bias whatever the architecture says: open_clip's
+        # *-SigLIP configs set the bias but leave the scale at CLIP's log(1/0.07), and CLIP architectures
+        # have no bias at all.
         kwargs.update(init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
     model = open_clip.create_model(model_cfg.name, pretrained=None, output_dict=True, **kwargs)
     if model_cfg.pretrained_path:

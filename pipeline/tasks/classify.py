@@ -30,8 +30,10 @@ def num_classes_of(cfg: Config) -> int:
 
 def build_loss(optim_cfg, data_cfg, mixing: bool) -> torch.nn.Module:
     if optim_cfg.loss == "bce":
-        # Mixup already smooths the targets it makes; BCE smooths only hard targets.
-        return BinaryCrossEntropy(smoothing=0.0 if mixing else optim_cfg.label_smoothing)
+        # Mixup already smooths the targets it makes; BCE smooths only hard targets. The threshold then
+        # binarises the mixed targets (ResNet strikes back: 0.2), as timm's train.py passes it.
+        return BinaryCrossEntropy(smoothing=0.0 if mixing else optim_cfg.label_smoothing,
+                                  target_threshold=optim_cfg.bce_target_threshold)
     if mixing:
         return SoftTargetCrossEntropy()
     if optim_cfg.label_smoothing > 0:

@@ -15,8 +15,7 @@ import torch
 from pipeline.config import Config, ConfigError
 from pipeline.data.image_text import image_text_loader
 from pipeline.data.shards import resolve_shards
-from pipeline.models.clip import CLIP_NO_DECAY_NAMES, build_clip, check_clip_name, get_tokenizer
-from pipeline.optim import param_groups
+from pipeline.models.clip import build_clip, check_clip_name, clip_param_groups, get_tokenizer
 from pipeline.tasks.base import Task
 from pipeline.tasks.contrastive_eval import evaluate_contrastive, zeroshot_sets
 from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_loss
@@ -52,8 +51,8 @@ class ContrastiveTask(Task):
         return build_clip(self.cfg.model, self.cfg.contrastive)
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
-        # Locked (LiT) parameters have requires_grad False and stay out of the optimizer.
-        return param_groups(model, self.cfg.optim.weight_decay, CLIP_NO_DECAY_NAMES)
+        # open_clip_train's groups; locked (LiT) parameters have requires_grad False and stay out.
+        return clip_param_groups(model, self.cfg.optim.weight_decay)
 
     def train_batches(self, rank, world_size, start):
         cfg = self.cfg
