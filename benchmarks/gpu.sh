@@ -1,26 +1,50 @@
 #!/usr/bin/env bash
-# GPU goal (issue 8): run once on the lent H100 machine, read $OUT/gpu.jsonl, then change code.
-#   run(command="bash benchmarks/gpu.sh shared/wheels", carry=["shared/wheels"]) -- see the device README.
+# GPU measurements (issues 8 and 15): one call on the lent H100/H200 machine, then read $OUT/gpu.jsonl.
+#   run(command="bash benchmarks/gpu.sh .whl", carry=[".whl"], timeout_s=590) -- see the device README.
 # The GPU machine has torch/torchvision/timm/numpy/pyarrow but no deepspeed, ray, webdataset or open_clip
-# and no package index: bring wheels (ENVIRONMENT.md, ~7 MB):
-#   pip download --no-deps -d shared/wheels webdataset braceexpand open_clip_torch ftfy wcwidth hjson \
+# and no package index: bring wheels (ENVIRONMENT.md, ~7 MB) into .whl/ (ignored through .git/info/exclude):
+#   pip download --no-deps -d .whl webdataset==1.0.2 braceexpand open_clip_torch==3.3.0 ftfy wcwidth hjson \
 #       annotated_types typing_inspection 'typing_extensions>=4.16' && \
-#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d shared/wheels pydantic pydantic_core && \
-#   pip wheel --no-deps -w shared/wheels deepspeed==0.19.8
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic pydantic_core && \
+#   pip wheel --no-deps -w .whl deepspeed==0.19.8
 # Ray does not travel (79 MB): the cases run our per-worker loop without Ray (launch pretrain --no-ray).
-# Every case has its own time limit; a failed case writes an error line and the next one runs.
+# Every case has its own time limit and the whole script a budget (GPU_BUDGET_S): the cases run in order of
+# value and a case that would not fit in what is left is recorded as skipped. A failed case writes an error
+# line and the next one runs.
 set -u
-WHEELS=${1:-shared/wheels}
+WHEELS=${1:-.whl}
 OUT=${OUT:-/tmp/gpu_out}
+BUDGET_S=${GPU_BUDGET_S:-560}
+STEPS=${GPU_STEPS:-45}
+START=$(date +%s)
 mkdir -p "$OUT"
-python3 -m pip install --no-index --find-links "$WHEELS" --no-deps "$WHEELS"/*.whl > "$OUT/pip.log" 2>&1 || echo '{"error": "pip install failed, see pip.log"}' >> "$OUT/gpu.jsonl"
-python3 -m pip install --no-deps --no-build-isolation -e . >> "$OUT/pip.log" 2>&1
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu_info.txt" 2>&1
-timeout 240 python3 benchmarks/make_image_text_shards.py --output /tmp/gpu_shards --samples 8000 --shards 32 --labels 1000 > "$OUT/shards.log" 2>&1
-run() { timeout "$1" python3 benchmarks/gpu_cases.py --out "$OUT/gpu.jsonl" --shards /tmp/gpu_shards "${@:2}" || echo "{\"case\": \"$3\", \"error\": \"timeout or crash (rc $?)\"}" >> "$OUT/gpu.jsonl"; }
-run 120 --case resnet50_torch
-run 240 --case resnet50_ours
-run 120 --case clip_b32_torch
-run 240 --case clip_b32_ours
-run 120 --case loader --workers 14
+export PYTHONUNBUFFERED=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl > "$OUT/pip.log" 2>&1 \
+    || echo '{"error": "pip install failed, see pip.log"}' >> "$OUT/gpu.jsonl"
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
+  python3 -c "import torch, timm, deepspeed, open_clip; print(torch.__version__, timm.__version__, deepspeed.__version__, open_clip.__version__)"; } > "$OUT/gpu_info.txt" 2>&1
+timeout 120 python3 benchmarks/make_image_text_shards.py --output /tmp/gpu_shards --samples 6144 --shards 32 \
+    --labels 1000 --processes 16 > "$OUT/shards.log" 2>&1
+run() {  # run LIMIT_S ARGS...: one case, skipped when it would not fit in the budget
+    local limit=$1; shift
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if [ "$left" -lt "$limit" ]; then
+        echo "{\"case\": \"$2${3:+ $3}\", \"skipped\": \"budget: ${left}s left, case limit ${limit}s\"}" >> "$OUT/gpu.jsonl"
+        return
+    fi
+    timeout "$limit" python3 benchmarks/gpu_cases.py --out "$OUT/gpu.jsonl" --shards /tmp/gpu_shards \
+        --steps "$STEPS" "$@" >> "$OUT/cases.log" 2>&1 \
+        || echo "{\"case\": \"$2${3:+ $3}\", \"error\": \"timeout or crash (rc $?), see cases.log\"}" >> "$OUT/gpu.jsonl"
+}
+run 60 --case resnet50_torch
+run 110 --case resnet50_ours
+run 60 --case clip_b32_torch
+run 110 --case clip_b32_ours
+run 60 --case loader --workers 15
+run 150 --case resnet50_ours --compile
+run 100 --case resnet50_torch --compile
+run 150 --case clip_b32_ours --compile
+run 100 --case clip_b32_torch --compile
 cat "$OUT/gpu.jsonl"

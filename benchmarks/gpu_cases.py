@@ -30,9 +30,14 @@ PEAK_TFLOPS = 790.0
 GFLOP_PER_SAMPLE = {"resnet50": 24.3, "clip_b32": 44.2}
 
 
-def synthetic_torch(model_name: str, batch: int, steps: int, device: str) -> float:
-    """Reference step: the plain PyTorch loop ANCHORS.md measured, samples/s."""
+def synthetic_torch(model_name: str, batch: int, steps: int, device: str, compile_model: bool) -> float:
+    """Reference step: the plain PyTorch loop ANCHORS.md measured (timm's --torchcompile when compiled)."""
     import torch
+
+    if device == "cuda":  # what timm's train.py and open_clip_train set
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     if model_name == "resnet50":
         import timm
@@ -44,7 +49,11 @@ def synthetic_torch(model_name: str, batch: int, steps: int, device: str) -> flo
     else:
         import open_clip
 
-        model = open_clip.create_model("ViT-B-32").to(device)
+        import yaml
+
+        # The same architecture our recipe trains (laion400m_e32's is ViT-B-32-quickgelu).
+        name = yaml.safe_load(Path("configs/clip_vit_b32.yaml").read_text())["model"]["name"]
+        model = open_clip.create_model(name).to(device)
         images = torch.randn(batch, 3, 224, 224, device=device)
         texts = torch.randint(0, 49408, (batch, 77), device=device)
         clip_loss = open_clip.ClipLoss()
@@ -53,6 +62,8 @@ def synthetic_torch(model_name: str, batch: int, steps: int, device: str) -> flo
             image, text, scale = model(images, texts)
             return clip_loss(image, text, scale)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    if compile_model:
+        model.compile()
     timings = []
     for step in range(steps):
         start = time.perf_counter()
@@ -68,24 +79,28 @@ def synthetic_torch(model_name: str, batch: int, steps: int, device: str) -> flo
     return batch / statistics.median(timings)
 
 
-def ours(model_name: str, shards: str, batch: int, steps: int, workers: int, cpu_smoke: bool) -> dict:
+def ours(model_name: str, shards: str, batch: int, steps: int, workers: int, cpu_smoke: bool,
+         compile_model: bool, extra_set: list[str] = ()) -> dict:
     """Our loop (no Ray) on real shards; figures from the run's metrics.jsonl (after a third of the steps)."""
-    config = {"resnet50": "configs/resnet50_a3.yaml", "clip_b32": "configs/clip_vit_b32.yaml"}[model_name]
+    # ResNet-50: the reference steps AdamW with CE, so ours does too (resnet50_sgd's data side, no
+    # RandAugment/mixup); the a3 recipe's LAMB + BCE is another step.
+    config = {"resnet50": "configs/resnet50_sgd.yaml", "clip_b32": "configs/clip_vit_b32.yaml"}[model_name]
     out = tempfile.mkdtemp(prefix="gpu_case_")
     overrides = [
         f"run.output_dir={out}", "run.name=case", "run.log_every_steps=10", f"data.train={shards}", "data.val=",
         f"data.batch_size_per_rank={batch}", "data.global_batch_size=null", f"data.num_workers_per_rank={workers}",
         "data.image_size_px=224", f"schedule.max_steps={steps}", "checkpoint.every_steps=0", "eval.at_end=false",
         "ray.num_workers=1", "data.randaugment=null", "data.mixup_alpha=0", "data.cutmix_alpha=0",
-        "data.shuffle_buffer=1000",
+        "data.shuffle_buffer=1000", f"model.compile={str(compile_model).lower()}",
     ]
     if model_name == "resnet50":
-        overrides += ["data.num_classes=1000"]
+        overrides += ["data.num_classes=1000", "optim.name=adamw", "optim.lr=0.001", "optim.label_smoothing=0"]
     else:
         overrides += ["eval.zeroshot=[]"]
     if cpu_smoke:
         overrides += ["deepspeed.precision=fp32", "model.name=" + ("resnet_nano" if model_name == "resnet50" else
                                                                      "clip-tiny-rn"), "data.image_size_px=32"]
+    overrides += list(extra_set)
     cmd = [sys.executable, "-m", "launch", "pretrain", "--no-ray", "--config", config]
     for override in overrides:
         cmd += ["--set", override]
@@ -118,17 +133,22 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--workers", type=int, default=14)
+    parser.add_argument("--set", action="append", default=[], help="extra config override for our cases")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (ours: model.compile)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: checks the plumbing only")
     args = parser.parse_args()
     device = "cpu" if args.cpu_smoke else "cuda"
     model_name = args.case.rsplit("_", 1)[0]
-    row: dict = {"case": args.case, "batch": args.batch, "steps": args.steps, "device": device,
+    row: dict = {"case": args.case + ("_compiled" if args.compile else ""), "batch": args.batch,
+                 "steps": args.steps, "device": device,
                  "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         if args.case.endswith("_torch"):
-            row["samples_per_second"] = synthetic_torch(model_name, args.batch, args.steps, device)
+            row["samples_per_second"] = synthetic_torch(model_name, args.batch, args.steps, device, args.compile)
         elif args.case.endswith("_ours"):
-            row.update(ours(model_name, args.shards, args.batch, args.steps, args.workers, args.cpu_smoke))
+            row.update(ours(model_name, args.shards, args.batch, args.steps, args.workers, args.cpu_smoke,
+                            args.compile, args.set))
+            row["overrides"] = args.set
         else:
             row.update(loader(args.shards, args.batch, args.workers, args.steps))
     except Exception as err:  # one failed case must not lose the others' lines

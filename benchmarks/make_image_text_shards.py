@@ -46,33 +46,45 @@ def _photo_crop(photos: list[np.ndarray], rng: np.random.Generator, size_px: int
     return Image.fromarray(np.clip(pixels + shift, 0, 255).astype(np.uint8))
 
 
-def write_shards(output: Path, num_samples: int, num_shards: int, size_px: int = 256, quality: int = 95,
-                 seed: int = 0, num_labels: int = 0) -> dict:
-    """num_labels > 0 also writes a `cls` per sample, so one set of shards serves classifiers too."""
+def _write_shard(output: Path, shard: int, first_index: int, count: int, size_px: int, quality: int, seed: int,
+                 num_labels: int) -> tuple[str, int, int]:
+    """One tar; its images depend on (seed, shard) only, so shards can be written in parallel."""
     import webdataset as wds
     from sklearn.datasets import load_sample_images
 
     photos = list(load_sample_images().images)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, shard])
+    name, total_bytes = f"shard-{shard:05d}.tar", 0
+    with wds.TarWriter(str(output / name)) as sink:
+        for index in range(first_index, first_index + count):
+            buffer = io.BytesIO()
+            _photo_crop(photos, rng, size_px).save(buffer, format="JPEG", quality=quality)
+            caption = " ".join(rng.choice(WORDS, size=int(rng.integers(5, 21))))
+            sample = {"__key__": f"{index:08d}", "jpg": buffer.getvalue(), "txt": caption,
+                      "json": json.dumps({"caption": caption, "width": size_px, "height": size_px})}
+            if num_labels:
+                sample["cls"] = str(index % num_labels)
+            sink.write(sample)
+            total_bytes += buffer.tell()
+    return name, count, total_bytes
+
+
+def write_shards(output: Path, num_samples: int, num_shards: int, size_px: int = 256, quality: int = 95,
+                 seed: int = 0, num_labels: int = 0, processes: int = 1) -> dict:
+    """num_labels > 0 also writes a `cls` per sample, so one set of shards serves classifiers too."""
+    from concurrent.futures import ProcessPoolExecutor
+
     output.mkdir(parents=True, exist_ok=True)
     per_shard = -(-num_samples // num_shards)
-    sizes, total_bytes, index = {}, 0, 0
-    for shard in range(num_shards):
-        name = f"shard-{shard:05d}.tar"
-        count = min(per_shard, num_samples - index)
-        with wds.TarWriter(str(output / name)) as sink:
-            for _ in range(count):
-                buffer = io.BytesIO()
-                _photo_crop(photos, rng, size_px).save(buffer, format="JPEG", quality=quality)
-                caption = " ".join(rng.choice(WORDS, size=int(rng.integers(5, 21))))
-                sample = {"__key__": f"{index:08d}", "jpg": buffer.getvalue(), "txt": caption,
-                          "json": json.dumps({"caption": caption, "width": size_px, "height": size_px})}
-                if num_labels:
-                    sample["cls"] = str(index % num_labels)
-                sink.write(sample)
-                total_bytes += buffer.tell()
-                index += 1
-        sizes[name] = count
+    jobs = [(output, shard, shard * per_shard, max(0, min(per_shard, num_samples - shard * per_shard)), size_px,
+             quality, seed, num_labels) for shard in range(num_shards)]
+    if processes > 1:
+        with ProcessPoolExecutor(processes) as pool:
+            written = list(pool.map(_write_shard, *zip(*jobs)))
+    else:
+        written = [_write_shard(*job) for job in jobs]
+    sizes = {name: count for name, count, _ in written}
+    total_bytes, index = sum(b for _, _, b in written), sum(sizes.values())
     (output / "sizes.json").write_text(json.dumps(sizes))
     return {"samples": index, "shards": num_shards, "mean_jpeg_bytes": total_bytes // max(index, 1)}
 
@@ -84,13 +96,14 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--labels", type=int, default=0, help="also write cls = index %% LABELS (classifier shards)")
+    parser.add_argument("--processes", type=int, default=1, help="shards written in parallel")
     args = parser.parse_args()
     output = Path(args.output)
     if (output / "sizes.json").is_file() and sum(json.loads((output / "sizes.json").read_text()).values()) == args.samples:
         print(f"shards ready: {output}")
         return
     print(json.dumps({"output": str(output), **write_shards(output, args.samples, args.shards, args.size,
-                                                                num_labels=args.labels)}))
+                                                                num_labels=args.labels, processes=args.processes)}))
 
 
 if __name__ == "__main__":
