@@ -27,11 +27,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(groups: list[dict], optim_cfg) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], optim_cfg, fused: bool = False) -> torch.optim.Optimizer:
+    """fused: one CUDA kernel per step for AdamW (what timm and open_clip_train use on GPUs); the params may
+    still be on the CPU here, the kernel is chosen at the first step."""
     if optim_cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps)
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps,
+                                 fused=True if fused else None)
     if optim_cfg.name == "lamb":
         # Its clip moves to DeepSpeed (grad_clip_norm below): inside the optimizer it would see only the
         # group and partition ZeRO steps at a time, not the global norm.
