@@ -26,6 +26,7 @@ from pipeline.data.stream import Position, seed_sample_rng
 from pipeline.engine import deepspeed_config, initialize
 from pipeline.metrics import MetricsLogger
 from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.preemption import PREEMPTED_RECORD, Preemption
 from pipeline.tasks import task_class, task_key
 from pipeline.tasks.base import Task, all_reduce_sum
 
@@ -132,9 +133,13 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
               flush=True)
     loop = _Loop(cfg, plan, task, engine, ema, rank, world_size, logger, report)
     loop.position = position
-    final = loop.run(task.train_batches(rank, world_size, position), start_step)
-    logger.close()
-    return {"step": plan.total_steps, **final}
+    loop.preemption = Preemption(cfg.run_dir, rank, world_size)
+    try:
+        final = loop.run(task.train_batches(rank, world_size, position), start_step)
+    finally:
+        loop.preemption.close()
+        logger.close()
+    return final if final.get("preempted") else {"step": plan.total_steps, **final}
 
 
 def _build_ema(module: torch.nn.Module, decay: float | None):
@@ -170,6 +175,7 @@ class _Loop:
         self.cfg, self.plan, self.task, self.engine, self.ema = cfg, plan, task, engine, ema
         self.rank, self.world_size, self.logger, self.report = rank, world_size, logger, report
         self.position: Position | None = Position()
+        self.preemption: Preemption | None = None
 
     def run(self, batches, start_step: int) -> dict:
         cfg, plan = self.cfg, self.plan
@@ -197,7 +203,23 @@ class _Loop:
             if not cfg.run.inject_failure_in_checkpoint:
                 self._maybe_inject_failure(step)
             final = self._after_step(step, window)
+            if step < plan.total_steps and self.preemption is not None and self.preemption.agreed():
+                return self._stop_preempted(step, final)
         return final
+
+    def _stop_preempted(self, step: int, metrics: dict) -> dict:
+        """Every rank is here at the same step: checkpoint it (unless this step just did) and stop."""
+        path = checkpoint.checkpoints_root(self.cfg.run_dir) / checkpoint.step_tag(step)
+        if "checkpoint" not in metrics:
+            self.save(step)
+        outcome = {"step": step, "preempted": True, "checkpoint": str(path)}
+        if self.report is not None:
+            self.report(outcome)
+        if self.rank == 0:
+            (self.cfg.run_dir / PREEMPTED_RECORD).write_text(json.dumps(outcome, indent=1))
+            print(f"[pretrain] preempted: complete checkpoint at step {step} ({path}); relaunch the same "
+                  f"command to resume at the next sample", flush=True)
+        return outcome
 
     def _after_step(self, step: int, window: "_Window") -> dict:
         cfg, last = self.cfg, step == self.plan.total_steps
@@ -228,6 +250,8 @@ class _Loop:
             client_state["ema"] = self.ema.module.state_dict()
         meta = {"epoch": step / self.plan.steps_per_epoch, "config": cfg.to_dict(),
                 "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.world_size}
+        if self.task.class_names:  # what output i means: evaluation compares class lists by name
+            meta["class_names"] = list(self.task.class_names)
         after_shards = self._maybe_inject_failure if cfg.run.inject_failure_in_checkpoint else None
         checkpoint.save(self.engine, cfg.run_dir, step, meta, client_state, is_rank0=self.rank == 0,
                         after_shards=after_shards)
