@@ -27,7 +27,18 @@ def prepared_config(config_path: str, overrides: list[str]) -> Config:
     ensure_sample_corpus(cfg, config_path)
     cfg = absolute_paths(cfg)
     preflight(cfg, config_path)
+    check_resume_checkpoint(cfg)
     return cfg
+
+
+def check_resume_checkpoint(cfg: Config) -> None:
+    """The checkpoint a relaunch will resume from, checked before any worker starts, so that a missing,
+    truncated or code-carrying file is one line here (the workers load it weights-only whatever this finds)."""
+    from pipeline import checkpoint
+
+    latest = checkpoint.find_latest_complete(cfg.run_dir) if cfg.checkpoint.resume else None
+    if latest is not None:
+        checkpoint.verify_files(latest, checkpoint.read_meta(latest))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ A REF is one of
 
 --model NAME is looked up in open_clip's registry, then timm's; 'open_clip:NAME' / 'timm:NAME' pick one
 explicitly, and 'PATH/NAME.json' (or a NAME.json beside the weights file) registers an open_clip
-config first. Files are loaded without executing pickled code (pipeline.checkpoint.load_weights_file).
+config first. Nothing is loaded by executing pickled code: weights files through
+pipeline.checkpoint.load_weights_file, our checkpoint directories through pipeline.checkpoint.load_consolidated
+(every shard checked weights-only first; a file that would run code is refused with one line naming it).
 """
 from __future__ import annotations
 
@@ -232,6 +234,8 @@ def _resolve_checkpoint_dir(ckpt_dir: Path, source: str) -> ResolvedModel:
     from pipeline.checkpoint import load_consolidated
 
     state, meta = load_consolidated(ckpt_dir)
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{ckpt_dir / 'meta.json'}: records no training config, so the architecture is unknown")
     built = _build_ours(meta["config"], state, ckpt_dir / "meta.json")
     return _finish(built, built.pop("name"), meta.get("step"), source, ckpt_dir)
 
