@@ -69,11 +69,7 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
             ray.init(address=address)
         else:
             needed_cpus = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999)
-            # The dashboard serves Ray's state API, which Ray Train polls; on loopback only.
-            # address="local": a private cluster every time. Without it Ray attaches to whatever its
-            # session pointer file names (another user's cluster, or a dead one left behind).
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed_cpus), include_dashboard=True,
-                     dashboard_host="127.0.0.1")
+            start_private_ray(num_cpus=max(os.cpu_count() or 1, needed_cpus))
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -99,6 +95,26 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
         return None
     final_path = cfg.run_dir / "final_metrics.json"
     return json.loads(final_path.read_text()) if final_path.is_file() else {}
+
+
+def start_private_ray(num_cpus: int, **init_kwargs) -> None:
+    """A local Ray cluster of this process's own, whatever else runs on the machine.
+
+    address="local": without it Ray attaches to whatever its session pointer file names (another user's
+    cluster, or a dead one left behind). The dashboard serves Ray's state API, which Ray Train's actors poll
+    (on loopback only). Those actors (its placement-group cleaner) call the state API with no address, and
+    Ray then picks a cluster by scanning the machine: with another Ray running here it fails ("Found multiple
+    active Ray instances") or finds the one the pointer file names. So every process of the job is told ours,
+    through RAY_API_SERVER_ADDRESS, on a dashboard port chosen here."""
+    import ray
+
+    from pipeline.trainer import free_port
+
+    dashboard_port = free_port()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
+             **init_kwargs)
 
 
 def print_summary(final: dict, run_dir) -> None:

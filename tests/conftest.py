@@ -16,8 +16,12 @@ def ray_session():
     """A local Ray cluster shared by every test that needs one (starting Ray costs seconds)."""
     import ray
 
+    from launch.pretrain import start_private_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # What `launch pretrain` starts: private, and Ray Train's actors know its address even while other
+        # Ray clusters (other test sessions) run on this machine.
+        start_private_ray(num_cpus=4, log_to_driver=True)
     yield ray
     ray.shutdown()
 
