@@ -7,6 +7,7 @@ import os
 import sys
 
 from launch.prepare import absolute_paths, ensure_sample_corpus, preflight, write_run_record
+from pipeline import preemption
 from pipeline.config import Config, load_config
 
 
@@ -45,14 +46,21 @@ def run(args: argparse.Namespace) -> int:
     cfg = prepared_config(args.config, args.set)
     run_dir = write_run_record(cfg, args.config)
     print(f"[launch] run dir {run_dir}", flush=True)
+    preemption.clear(run_dir)
     if args.no_ray:
         from pipeline.trainer import run_worker
 
-        final = run_worker(cfg.to_dict())
+        with preemption.DriverHandler(run_dir, cfg.checkpoint.preempt_grace_s):
+            final = run_worker(cfg.to_dict())
     else:
         final = run_on_ray(cfg, args.address or os.environ.get("RAY_ADDRESS"))
         if final is None:
             return 1
+    stopped = preemption.was_preempted(run_dir)
+    if stopped:
+        print(f"[launch] preempted at step {stopped['step']}: complete checkpoint {stopped['checkpoint']}; "
+              f"run the same command again to resume at the next sample", flush=True)
+        return preemption.EXIT_PREEMPTED
     print_summary(final, run_dir)
     return 0
 
@@ -88,7 +96,8 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
         ),
     )
     try:
-        trainer.fit()
+        with preemption.DriverHandler(cfg.run_dir, cfg.checkpoint.preempt_grace_s):
+            trainer.fit()
     except Exception as err:  # Ray wraps the worker's exception; its last line says what went wrong
         message = str(err).strip().splitlines()
         print(f"error: training failed: {message[-1] if message else type(err).__name__}", file=sys.stderr)
@@ -123,5 +132,9 @@ def print_summary(final: dict, run_dir) -> None:
     for key in ("val_top1", "val_top5", "val_ema_top1", *zero_shot, "loss"):
         if key in final:
             parts.append(f"{key} {final[key]:.4g}")
+    if "val_samples" in final:  # every metric with the number of samples it was computed on
+        parts.append(f"val_samples {final['val_samples']} of {final.get('val_expected_samples', '?')}")
     print(f"[launch] done: {' | '.join(parts)}", flush=True)
+    for warning in dict.fromkeys(w for key, value in final.items() if key.endswith("warnings") for w in value):
+        print(f"[launch] warning: {warning}", flush=True)
     print(f"[launch] run dir: {run_dir} (metrics.jsonl, config.yaml, checkpoints/)", flush=True)

@@ -64,7 +64,13 @@ class DataSection:
     val_crop_pct: float = 0.875
     """Validation resize = crop / crop_pct, then centre crop (timm's convention)."""
     shuffle_buffer: int = 1000
-    """Samples held in each reader's shuffle buffer."""
+    """Positions per shuffle window: each window of the epoch's (block-ordered) samples is permuted.
+    Nothing is held in memory but the window's permutation; it matters when shuffle_block > 1."""
+    shuffle_block: int = 1
+    """Consecutive samples that stay together in the epoch's seeded block order. 1 (the default): every
+    position is a uniformly drawn sample, however the shards were written (class by class, say).
+    Larger blocks keep reads within runs of this many consecutive samples (storage where seeks cost)
+    and mix only when a shuffle window holds many blocks: launch warns when it cannot."""
     rrc_scale_min: float = 0.08
     """Lower bound of RandomResizedCrop's area scale."""
     hflip_prob: float = 0.5
@@ -238,6 +244,10 @@ class CheckpointSection:
     """Also keep every checkpoint whose step is a multiple of this (0 = none)."""
     resume: bool = True
     """Resume from the run directory's latest complete checkpoint when there is one."""
+    preempt_grace_s: float = 120.0
+    """After SIGTERM, how long `launch pretrain` waits for the ranks to finish their step and write the
+    preemption checkpoint before it exits anyway (the latest complete checkpoint then stays the resume point).
+    Keep it under the platform's notice (spot VMs: 30-120 s; Kubernetes: terminationGracePeriodSeconds)."""
 
 
 @dataclass(frozen=True)
@@ -404,6 +414,7 @@ def validate(cfg: Config) -> None:
     check(0 < cfg.data.rrc_scale_min <= 1, "data.rrc_scale_min", "must be in (0, 1]")
     check(0 < cfg.data.val_crop_pct <= 1, "data.val_crop_pct", "must be in (0, 1]")
     check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    check(cfg.data.shuffle_block >= 1, "data.shuffle_block", "must be >= 1")
     check(cfg.data.mixup_alpha >= 0, "data.mixup_alpha", "must be >= 0")
     check(cfg.data.cutmix_alpha >= 0, "data.cutmix_alpha", "must be >= 0")
     mixing = cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0
@@ -438,8 +449,12 @@ def validate(cfg: Config) -> None:
     check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
     check(cfg.ray.max_failures >= 0, "ray.max_failures", "must be >= 0")
     check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    check(cfg.checkpoint.preempt_grace_s > 0, "checkpoint.preempt_grace_s", "must be > 0")
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the newest is always kept)")
     check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    check(not (cfg.model.compile and cfg.deepspeed.zero_stage == 3), "model.compile",
+          "not supported with deepspeed.zero_stage 3 (ZeRO-3 gathers parameters in hooks the compiled graph "
+          "would break on): use zero_stage <= 2")
     check(not (cfg.optim.ema_decay and cfg.deepspeed.zero_stage == 3), "optim.ema_decay",
           "weight EMA needs full parameters on every rank: use deepspeed.zero_stage <= 2")
     zeroshot_names = [zeroshot_entry(e)[0] for e in cfg.eval.zeroshot]
