@@ -42,6 +42,8 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--strict", action="store_true",
+                        help="a scored sample count that differs from the manifest's is an error, not a warning")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -80,7 +82,7 @@ def _options(args: argparse.Namespace):
     except ValueError as err:
         raise ValueError(f"--method: {err}") from None
     return EvalOptions(split=args.split, batch_size=args.batch_size, num_workers=args.workers,
-                       device=args.device, amp=args.amp, probe_method=method)
+                       device=args.device, amp=args.amp, probe_method=method, strict=args.strict)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,10 +99,20 @@ def run(args: argparse.Namespace) -> int:
 
     resolved = resolve(args.checkpoint, args.model)
     result = evaluate(args.eval_task, resolved, Path(args.data), options)
+    print_notes(result)
     if args.output:
         write_result(result, Path(args.output))
     print(json.dumps(result, indent=2, allow_nan=False))
     return 0
+
+
+def print_notes(result: dict) -> None:
+    """On stderr (stdout is the JSON): a class list mapped by name, and every warning of the result."""
+    mapping = result["metrics"].get("label_mapping", "")
+    if mapping and not mapping.startswith(("unchecked", "identity")):
+        print(f"[eval] {mapping}", file=sys.stderr)
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _run_plan(path: Path) -> int:
@@ -111,6 +123,8 @@ def _run_plan(path: Path) -> int:
         rows.append(row)
         print(f"[eval] {row['checkpoint']} {row['dataset']} {row['task']}: "
               f"{row['value'] if row['skipped'] is None else row['skipped']}", file=sys.stderr)
+        if row["file"]:
+            print_notes(json.loads(Path(row["file"]).read_text()))
     table = summary_table(rows)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     (plan.output_dir / "summary.md").write_text(table + "\n")

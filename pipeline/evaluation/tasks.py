@@ -7,12 +7,13 @@ checkpoint's step and weights hash, and the dataset manifest's hash.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from pipeline.class_names import LabelMap, map_by_name, model_class_names
 from pipeline.evaluation import datasets
 from pipeline.evaluation.classify import evaluate_classifier
 from pipeline.evaluation.linear_probe import evaluate_linear_probe
@@ -21,6 +22,7 @@ from pipeline.evaluation.resolver import ResolvedModel
 from pipeline.evaluation.retrieval import evaluate_retrieval
 from pipeline.evaluation.runtime import default_device
 from pipeline.evaluation.zero_shot import DEFAULT_CLASSNAMES, DEFAULT_TEMPLATES, evaluate_zero_shot
+from pipeline.sample_counts import sample_shortfall
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,33 @@ class EvalOptions:
     probe_method: str = "logistic_regression"
     """Linear-probe method (pipeline.evaluation.linear_probe.PROBE_METHODS): 'logistic_regression' or
     'clip_benchmark'."""
+    strict: bool = False
+    """A scored sample count that differs from the manifest's is an error instead of a warning."""
 
 
 def _device(options: EvalOptions) -> torch.device:
     return torch.device(options.device) if options.device else default_device()
 
 
-def _labelled(data_dir: Path, split: str, resolved: ResolvedModel, options: EvalOptions):
+def _labelled(data_dir: Path, split: str, resolved: ResolvedModel, options: EvalOptions,
+              labels: LabelMap = LabelMap()):
     shards = datasets.find_shards(data_dir, split)
-    return datasets.labelled_batches(shards, resolved.preprocess, options.batch_size, options.num_workers)
+    batches = datasets.labelled_batches(shards, resolved.preprocess, options.batch_size, options.num_workers)
+    if labels.targets is None:
+        return batches
+    return (replace(batch, labels=labels.apply(batch.labels)) for batch in batches)
+
+
+def _model_label_map(resolved: ResolvedModel, data_dir: Path, split: str) -> tuple[LabelMap, str]:
+    """The data's labels as the classifier's outputs, compared by class name (pipeline.class_names), and
+    what the result records about it."""
+    data_names = datasets.read_classnames(data_dir, split)
+    model_names, where = model_class_names(resolved.path, resolved.run_config)
+    if not model_names or not data_names:
+        missing = "the model records no class names" if not model_names else "the data lists no class names"
+        return LabelMap(), f"unchecked ({missing}): labels used as output indices"
+    labels = map_by_name(data_names, model_names, str(data_dir), f"the model ({where})")
+    return labels, labels.note or "identity (same class names, same order)"
 
 
 def _zero_shot_prompts(data_dir: Path, split: str) -> tuple[list, list, dict]:
@@ -81,17 +101,24 @@ def run_linear_probe(resolved: ResolvedModel, data_dir: Path, options: EvalOptio
     for split in (options.train_split, options.split):
         if not datasets.has_split(data_dir, split):
             raise ValueError(f"eval linear-probe: {data_dir} needs {split}/*.tar (train and test split folders)")
+    # The probe learns the train split's labels: the test split's must mean the same classes.
+    labels = map_by_name(datasets.read_classnames(data_dir, options.split),
+                         datasets.read_classnames(data_dir, options.train_split),
+                         f"{data_dir} split {options.split}", f"split {options.train_split}")
     train = _labelled(data_dir, options.train_split, resolved, options)
-    test = _labelled(data_dir, options.split, resolved, options)
-    return evaluate_linear_probe(resolved.model.to(_device(options)), resolved.kind, train, test,
-                                 _device(options), method=options.probe_method, batch_size=options.batch_size,
-                                 amp=options.amp)
+    test = _labelled(data_dir, options.split, resolved, options, labels)
+    metrics = evaluate_linear_probe(resolved.model.to(_device(options)), resolved.kind, train, test,
+                                    _device(options), method=options.probe_method, batch_size=options.batch_size,
+                                    amp=options.amp)
+    return {**metrics, "label_mapping": labels.note or "identity"}
 
 
 def run_classify(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
-    batches = _labelled(data_dir, options.split, resolved, options)
-    return evaluate_classifier(resolved.model.to(_device(options)), batches, _device(options),
-                               datasets.count_samples(data_dir, options.split), options.amp)
+    labels, mapping = _model_label_map(resolved, data_dir, options.split)
+    batches = _labelled(data_dir, options.split, resolved, options, labels)
+    metrics = evaluate_classifier(resolved.model.to(_device(options)), batches, _device(options),
+                                  datasets.count_samples(data_dir, options.split), options.amp)
+    return {**metrics, "label_mapping": mapping}
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,9 @@ def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOp
                          f"but {resolved.model_name} is a {resolved.kind}")
     data_dir = Path(data_dir)
     metrics = TASKS[task].run(resolved, data_dir, options)
+    warnings = _count_warnings(task, data_dir, options.split, metrics)
+    if warnings and options.strict:
+        raise ValueError(f"{warnings[0]} (--strict)")
     return {
         "dataset": data_dir.resolve().name,
         "model": resolved.model_name,
@@ -140,7 +170,16 @@ def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOp
         "dataset_path": str(data_dir),
         "split": options.split if datasets.has_split(data_dir, options.split) else None,  # None: flat folder
         "manifest_sha256": datasets.manifest_sha256(data_dir, options.split),
+        "warnings": warnings,
     }
+
+
+def _count_warnings(task: str, data_dir: Path, split: str, metrics: dict) -> list[str]:
+    """The scored count (metrics' num_samples) against the manifest's: a shortfall is never silent."""
+    path = datasets.manifest_path(data_dir, split)
+    warning = sample_shortfall(f"eval {task}", int(metrics.get("num_samples") or 0),
+                               datasets.count_samples(data_dir, split), metrics.get("num_skipped"), str(path))
+    return [warning] if warning else []
 
 
 def write_result(result: dict, path: Path) -> None:

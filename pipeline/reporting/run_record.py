@@ -21,6 +21,8 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 VERSIONS_FILE = "versions.json"
 FINAL_METRICS_FILE = "final_metrics.json"
+# The configs of earlier checkpoints, kept when a relaunch resumed with changed settings (launch/resume.py).
+EARLIER_CONFIGS = "config.step_*.yaml"
 EVAL_DIR = "eval"
 # The keys every CLIP_benchmark result (and ours, pipeline.evaluation.tasks) carries.
 EVAL_RESULT_KEYS = ("dataset", "model", "task", "metrics")
@@ -41,6 +43,9 @@ class RunRecord:
     """'file: reason' -> count of lines or files the report could not use."""
     num_resumes: int = 0
     """How many times the step went backwards in metrics.jsonl (a resumed run re-logs steps)."""
+    earlier_configs: list[str] = field(default_factory=list)
+    """config.step_XXXXXXXX.yaml file names: the config up to that checkpoint, where a relaunch changed
+    resumable settings (config.yaml holds the latest)."""
 
 
 def is_number(value) -> bool:
@@ -120,7 +125,22 @@ def load_run(run_dir: Path) -> RunRecord:
         run_dir=run_dir, rows=rows, config=_read_config(run_dir / CONFIG_FILE, unreadable),
         versions=_read_json(run_dir / VERSIONS_FILE, unreadable) or {},
         final=final if isinstance(final, dict) else dict(rows[-1]),
-        eval_results=_read_eval_results(run_dir, unreadable), unreadable=unreadable, num_resumes=num_resumes)
+        eval_results=_read_eval_results(run_dir, unreadable), unreadable=unreadable, num_resumes=num_resumes,
+        earlier_configs=sorted(p.name for p in run_dir.glob(EARLIER_CONFIGS)))
+
+
+def record_warnings(record: RunRecord) -> list[tuple[str, str]]:
+    """(where, warning) for every distinct warning the run and its evaluations recorded: validation that
+    scored fewer samples than its shards list (val_*warnings of metrics rows), eval results' `warnings`."""
+    found: dict[tuple[str, str], None] = {}
+    for row in record.rows:
+        for key, value in row.items():
+            if key.startswith("val_") and key.endswith("warnings") and isinstance(value, list):
+                found.update({(f"step {row['step']}", str(w)): None for w in value})
+    for result in record.eval_results:
+        if isinstance(result.get("warnings"), list):
+            found.update({(result["_file"], str(w)): None for w in result["warnings"]})
+    return list(found)
 
 
 def skipped_totals(rows: list[dict]) -> dict[str, int]:

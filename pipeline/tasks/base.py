@@ -17,6 +17,10 @@ from pipeline.optim import param_groups
 class Task:
     """Subclasses build the model, the training stream, the loss and the evaluation of their family."""
 
+    class_names: list[str] | None = None
+    """Output i of the model = class_names[i] (classifiers trained on a manifest that lists them); recorded
+    in every checkpoint's meta.json so evaluation can compare class lists by name."""
+
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
         self.train_shards: list[Shard] = resolve_shards(cfg.data.train)
@@ -24,8 +28,9 @@ class Task:
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
     @classmethod
-    def check(cls, cfg: Config) -> None:
-        """Task-specific preflight in the driver; raises ConfigError(key, message)."""
+    def check(cls, cfg: Config) -> list[str] | None:
+        """Task-specific preflight in the driver; raises ConfigError(key, message). Returns one-line notes
+        the launcher prints (e.g. a validation class list mapped to the training one by name)."""
 
     @property
     def num_train_samples(self) -> int:

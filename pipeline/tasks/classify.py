@@ -5,17 +5,21 @@ Cross-entropy (label smoothing) or BCE (ResNet strikes back), mixup/cutmix, top-
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from pipeline.class_names import LabelMap, manifest_class_names, map_by_name
 from pipeline.config import Config, ConfigError
 from pipeline.data.labelled import labelled_loader
 from pipeline.data.shards import read_manifest, resolve_shards
 from pipeline.models import build_classifier
 from pipeline.models.residual import model_factory
+from pipeline.sample_counts import sample_shortfall
 from pipeline.tasks.base import Task, all_reduce_sum
 
 
@@ -26,6 +30,32 @@ def num_classes_of(cfg: Config) -> int:
     if manifest and manifest.get("num_classes"):
         return int(manifest["num_classes"])
     raise ConfigError("data.num_classes", "not set and the training manifest does not give num_classes")
+
+
+def train_class_names(cfg: Config) -> list[str] | None:
+    """The class names the training manifest records (output i of the model = name i), if any."""
+    try:
+        names = manifest_class_names(cfg.data.train)
+    except ValueError as err:
+        raise ConfigError("data.train", str(err)) from None
+    if names and cfg.data.num_classes and len(names) > cfg.data.num_classes:
+        raise ConfigError("data.num_classes", f"{cfg.data.num_classes}, but the training manifest lists "
+                          f"{len(names)} classes: labels past {cfg.data.num_classes - 1} would have no output")
+    return names
+
+
+def val_label_map(cfg: Config) -> LabelMap:
+    """How validation labels become training classes: by name when the validation manifest lists the same
+    classes in another order or a subset of them; ConfigError when it names classes training does not know."""
+    if not cfg.data.val:
+        return LabelMap()
+    try:
+        val_names = manifest_class_names(cfg.data.val)
+        return map_by_name(val_names, train_class_names(cfg), "the validation set", "the training set (data.train)")
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError("data.val", str(err)) from None
 
 
 def build_loss(optim_cfg, data_cfg, mixing: bool) -> torch.nn.Module:
@@ -53,14 +83,19 @@ class ClassifyTask(Task):
         ) if mixing else None
         self.loss_fn = build_loss(cfg.optim, data, mixing)
         self.val_shards = resolve_shards(data.val) if data.val else []
+        self.class_names = train_class_names(cfg)
+        self.val_labels = val_label_map(cfg)
 
     @classmethod
-    def check(cls, cfg: Config) -> None:
+    def check(cls, cfg: Config) -> list[str]:
         num_classes_of(cfg)
+        train_class_names(cfg)
         try:
             model_factory(cfg.model.name)
         except ValueError as err:
             raise ConfigError("model.name", str(err).split(": ", 1)[1]) from None
+        note = val_label_map(cfg).note
+        return [f"data.val: {note}"] if note else []
 
     def build_model(self) -> torch.nn.Module:
         return build_classifier(self.cfg.model, self.num_classes)
@@ -94,8 +129,10 @@ class ClassifyTask(Task):
         loader = labelled_loader(self.val_shards, cfg.data, rank, world_size, seed=cfg.run.seed, training=False,
                                  batch_size=cfg.eval.batch_size_per_rank or cfg.data.batch_size_per_rank)
         totals = torch.zeros(4, dtype=torch.float64)  # samples, top1 hits, top5 hits, summed loss
-        for (images, labels), _ in loader:
-            labels = labels.to(self.device)
+        skipped: Counter = Counter()
+        for (images, labels), reasons in loader:
+            skipped.update(reasons)
+            labels = self.val_labels.apply(labels).to(self.device)
             with self.autocast_context():
                 logits = module(self.images_to_device(images))
             hits = topk_correct(logits, labels)
@@ -103,8 +140,25 @@ class ClassifyTask(Task):
             totals += torch.tensor([len(labels), hits[1], hits[5], float(loss)], dtype=torch.float64)
         totals = all_reduce_sum(totals, self.device)
         n = max(totals[0].item(), 1.0)
-        return {"top1": 100 * totals[1].item() / n, "top5": 100 * totals[2].item() / n,
-                "loss": totals[3].item() / n, "samples": int(totals[0].item())}
+        # Every metric travels with its sample count; fewer than the shards list is a warning, never silent.
+        scored, expected = int(totals[0].item()), sum(s.num_samples for s in self.val_shards)
+        result = {"top1": 100 * totals[1].item() / n, "top5": 100 * totals[2].item() / n,
+                  "loss": totals[3].item() / n, "samples": scored, "expected_samples": expected}
+        if scored != expected:  # identical on every rank (all-reduced), so the gather below is collective
+            warning = sample_shortfall("validation", scored, expected, _summed_over_ranks(skipped),
+                                       f"data.val ({cfg.data.val})")
+            result["warnings"] = [warning]
+            if rank == 0:
+                print(f"[pretrain] warning: {warning}", flush=True)
+        return result
+
+
+def _summed_over_ranks(counts: Counter) -> dict[str, int]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(counts)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(counts))
+    return dict(sum((Counter(part) for part in parts), Counter()))
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from torchvision.transforms import Normalize
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.shards import read_manifest
-from pipeline.tasks.classify import ClassifyTask, num_classes_of
+from pipeline.tasks.classify import ClassifyTask, num_classes_of, train_class_names
 from pipeline.tasks.contrastive import ContrastiveTask
 from pipeline.tasks.contrastive_loss import clamp_logit_scale
 
@@ -113,16 +113,18 @@ class DistillClassifierTask(ClassifyTask):
         self.temperature = cfg.distill.temperature
 
     @classmethod
-    def check(cls, cfg: Config) -> None:
-        super().check(cfg)
+    def check(cls, cfg: Config) -> list[str]:
+        notes = super().check(cfg)
         resolved = load_teacher(cfg)
         if resolved.kind == "classifier":
             classes = _classifier_outputs(resolved.model)
             if classes != num_classes_of(cfg):
                 raise ConfigError("distill.teacher", f"teacher predicts {classes} classes, the student "
                                   f"{num_classes_of(cfg)}")
+            _check_teacher_class_names(resolved, cfg)
         else:
             zero_shot_prompts(cfg)
+        return notes
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
         images, targets = self.mixed_view(batch)  # augmented once by the stream, mixed once: the shared view
@@ -140,6 +142,19 @@ def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tenso
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def _check_teacher_class_names(resolved, cfg: Config) -> None:
+    """The KL term matches teacher and student outputs index by index: both must mean the same classes."""
+    from pipeline.class_names import model_class_names
+
+    teacher_names, where = model_class_names(resolved.path, resolved.run_config)
+    student_names = train_class_names(cfg)
+    if teacher_names and student_names and teacher_names != student_names:
+        detail = ("the same classes in another order" if sorted(teacher_names) == sorted(student_names)
+                  else f"{len(teacher_names)} classes against {len(student_names)}, not the same names")
+        raise ConfigError("distill.teacher", f"the teacher's class list ({where}) differs from the training "
+                          f"manifest's ({detail}): distillation matches outputs index by index")
 
 
 def _classifier_outputs(model: torch.nn.Module) -> int:
