@@ -39,6 +39,14 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_shuffle_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--shuffle-seed", type=int, default=0,
+                       help="rows are shuffled with this seed (within each input) before sharding, so "
+                            "shards mix classes and sources (default %(default)s)")
+    group.add_argument("--no-shuffle", action="store_true", help="keep the input order in the shards")
+
+
 def _add_fetch_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("downloads (--url-col)")
     group.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt")
@@ -72,12 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     it = sub.add_parser("image-text", help="caption tables (parquet/CSV/TSV/JSONL) to image-text shards")
     _add_caption_table_args(it)
     it.add_argument("--key-col", help="column of unique sample keys (default: shard + row number)")
+    _add_shuffle_args(it)
     it.set_defaults(handler=_run_image_text)
 
     lab = sub.add_parser("labelled", help="ImageFolder tree or path/label table to labelled shards")
     _add_labelled_args(lab)
     lab.add_argument("--val-fraction", type=float, default=0.0, help="held-out share written to val/")
     lab.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    _add_shuffle_args(lab)
     lab.set_defaults(handler=_run_labelled)
 
     ev = sub.add_parser("eval-set", help="zero-shot or retrieval evaluation sets (CLIP_benchmark layout)")
@@ -124,8 +134,9 @@ def _image_options(args: argparse.Namespace) -> ImageOptions:
 def _job_options(args: argparse.Namespace):  # -> JobOptions (imported lazily: keeps --help fast)
     from data_prep.job import JobOptions
 
+    shuffle_seed = None if getattr(args, "no_shuffle", True) else args.shuffle_seed
     return JobOptions(args.shard_size, args.workers, args.address, args.threads, args.dedup,
-                      args.retry_failed, not args.no_progress)
+                      args.retry_failed, not args.no_progress, shuffle_seed)
 
 
 def _image_text_request(args: argparse.Namespace):

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_prep.dedup import HashRegistry
 from data_prep.manifest import build_manifest, write_dataset_metadata
 from data_prep.partition import OK, PartitionResult, PartitionTask, process_partition, read_stats, stats_path
-from data_prep.rows import DUPLICATE_KEY_COL, EVAL_KINDS, RowSpec
+from data_prep.rows import DUPLICATE_KEY_COL, EVAL_KINDS, SOURCE_ROW_COL, RowSpec
 from data_prep.writer import ShardRecord, write_bytes_atomic
 
 JOB_FILE = "_job.json"
@@ -46,6 +47,10 @@ class JobOptions:
     dedup: bool = False
     retry_failed: bool = False
     show_progress: bool = True
+    shuffle_seed: int | None = 0
+    """Rows go into a seeded random order (within each input) before they are cut into shards, so a
+    tree walked class by class still gives shards that mix every class; None keeps the input order.
+    Evaluation sets always keep it."""
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.num_workers < 1 or self.num_threads < 1:
@@ -66,9 +71,12 @@ def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOp
     """Process every row of `sources` into shards under `out_dir` and write its manifest."""
     start = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
+    job = dataclasses.replace(job, shuffle_seed=None) if spec.kind in EVAL_KINDS else job
     _check_identity(out_dir, spec, sources, job)
     if spec.key_col is not None:
-        sources = _mark_duplicate_keys(sources, spec.key_col)
+        sources = _mark_duplicate_keys(sources, spec.key_col)  # in input order: the first one wins
+    if job.shuffle_seed is not None:
+        sources = shuffle_rows(sources, job.shuffle_seed)
     tasks = plan_partitions(sources, job.shard_size, eval_layout=spec.kind in EVAL_KINDS)
     todo = [t for t in tasks if _needs_run(out_dir, t, job.retry_failed)]
     num_rows = sum(t.rows.num_rows for t in todo)
@@ -79,6 +87,19 @@ def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOp
                          source_info=source_info, extra_rejected=extra_rejected or {},
                          manifest_extra=manifest_extra or {})
     return JobReport(manifest, len(todo), time.monotonic() - start)
+
+
+def shuffle_rows(sources: list[SourceTable], seed: int) -> list[SourceTable]:
+    """Each source's rows in a seeded random order; every row keeps its original row number
+    (SOURCE_ROW_COL), so the stats and the samples' json still point at the input row."""
+    shuffled = []
+    for index, src in enumerate(sources):
+        table = src.table
+        if SOURCE_ROW_COL not in table.column_names:
+            table = table.append_column(SOURCE_ROW_COL, pa.array(range(table.num_rows), pa.int64()))
+        order = np.random.default_rng([seed & 0xFFFFFFFF, index]).permutation(table.num_rows)
+        shuffled.append(dataclasses.replace(src, table=table.take(pa.array(order, pa.int64()))))
+    return shuffled
 
 
 def plan_partitions(sources: Iterable[SourceTable], shard_size: int,
@@ -102,7 +123,7 @@ def _check_identity(out_dir: Path, spec: RowSpec, sources: list[SourceTable], jo
     spec_dict = dataclasses.asdict(spec)
     spec_dict.pop("fetch")  # timeouts and retries may change between attempts
     identity = json.loads(json.dumps({
-        "spec": spec_dict, "shard_size": job.shard_size, "dedup": job.dedup,
+        "spec": spec_dict, "shard_size": job.shard_size, "dedup": job.dedup, "shuffle_seed": job.shuffle_seed,
         "inputs": [{"source": s.source, "num_rows": s.table.num_rows} for s in sources],
         # Eval sets switched to unpadded shard names: never resume one written with `00000.tar`.
         **({"shard_names": "unpadded"} if spec.kind in EVAL_KINDS else {}),
@@ -112,6 +133,7 @@ def _check_identity(out_dir: Path, spec: RowSpec, sources: list[SourceTable], jo
         previous = json.loads(path.read_text(encoding="utf-8"))
         # Jobs from before --resample existed resized with bicubic: `--resample bicubic` resumes them.
         previous.get("spec", {}).get("image", {}).setdefault("resample", "bicubic")
+        previous.setdefault("shuffle_seed", None)  # jobs from before shuffling kept the input order
         if previous != identity:
             changed = sorted(k for k in identity if previous.get(k) != identity[k])
             raise ValueError(f"{out_dir} holds the output of a different job ({', '.join(changed)} "
@@ -192,7 +214,8 @@ def _finalize(out_dir: Path, spec: RowSpec, tasks: list[PartitionTask], sources:
         for status, count in zip(*_value_counts(table.column("status"))):
             if status != OK:
                 rejected[status] = rejected.get(status, 0) + count
-    options = {"shard_size": job.shard_size, "dedup": job.dedup, **dataclasses.asdict(spec.image),
+    options = {"shard_size": job.shard_size, "dedup": job.dedup, "shuffle_seed": job.shuffle_seed,
+               **dataclasses.asdict(spec.image),
                "image_source": spec.image_source, "image_col": spec.image_col,
                "caption_col": spec.caption_col, "label_col": spec.label_col, "key_col": spec.key_col}
     manifest = build_manifest(spec.kind, shards, source=source_info, options=options,

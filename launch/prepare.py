@@ -87,6 +87,9 @@ def preflight(cfg: Config, source: str) -> None:
     # Any number of shards serves any number of readers (each reader seeks to its own samples), so
     # shards < ranks x loader workers needs no refusal; a shard that cannot be decoded does.
     spot_check(shards[0].path, "data.train", source)
+    warning = shuffle_warning(cfg)
+    if warning:
+        print(f"[launch] warning: {warning}", flush=True)
     output = Path(cfg.run.output_dir)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -140,3 +143,20 @@ def spot_check(shard_path: str, key: str, source: str, num_samples: int = 8) -> 
                 break
     raise ConfigError(key, f"spot check of {shard_path}: none of its first {len(reasons)} samples decodes "
                       f"(first: {reasons[0]})", source)
+
+
+def shuffle_warning(cfg: Config) -> str | None:
+    """One line when the training stream's shuffle cannot mix shards written in class order, unless
+    data-prep shuffled the rows of every training source (its manifest records the seed)."""
+    from pipeline.data.shards import read_manifest
+    from pipeline.data.stream import mixing_shortfall
+
+    manifests = [read_manifest(p) if os.path.isdir(p) else None
+                 for p in (part.strip() for part in cfg.data.train.split("::")) if p]
+    if manifests and all(m and m.get("options", {}).get("shuffle_seed") is not None for m in manifests):
+        return None
+    num_classes = None
+    if cfg.model.kind != "clip":  # classifiers, and distillation into one
+        num_classes = cfg.data.num_classes or ((manifests[0] or {}).get("num_classes") if manifests else None)
+    return mixing_shortfall(cfg.data.shuffle_buffer, cfg.data.shuffle_block,
+                            cfg.data.batch_size_per_rank * cfg.ray.num_workers, num_classes)

@@ -220,6 +220,9 @@ def test_clip_student_matches_clip_teacher_similarities(tmp_path, digits_root):
     own = copy.state_dict()  # (our CLIP keeps logit_scale 1-element for DeepSpeed; open_clip's is 0-d)
     copy.load_state_dict({k: v.reshape(own[k].shape) for k, v in teacher.state_dict().items()})
     strangers = task.build_model()
+    # BatchNorm as the frozen teacher runs it: in train mode the copy's batch statistics (8 samples) would
+    # move its features away from the teacher's, and whether it still wins would depend on the batch drawn.
+    copy.eval(), strangers.eval()
     with torch.no_grad():
         same, _ = task.loss(copy, batch)
         other, _ = task.loss(strangers, batch)

@@ -83,11 +83,12 @@ def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable,
             decode, collate = DecodeImageText(train_transform(data_cfg), tokenizer), torch.utils.data.default_collate
         if weights is not None and len(sources) > 1:
             stream = MixedStream(sources, weights, rank, world_size, batch_size, decode, seed=seed,
-                                 shuffle_window=data_cfg.shuffle_buffer, start=start, collate=collate)
+                                 shuffle_window=data_cfg.shuffle_buffer, start=start, collate=collate,
+                                 shuffle_block=data_cfg.shuffle_block)
         else:
             stream = ResumableStream([s for source in sources for s in source], rank, world_size, batch_size,
                                      decode, seed=seed, shuffle_window=data_cfg.shuffle_buffer, start=start,
-                                     collate=collate)
+                                     collate=collate, shuffle_block=data_cfg.shuffle_block)
         return training_batches(stream, workers, exchange)
     decode = DecodeImageText(eval_transform(data_cfg), tokenizer)
     stream = EvalStream([s for source in sources for s in source], rank, world_size, batch_size, decode)

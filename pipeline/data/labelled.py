@@ -90,7 +90,8 @@ def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, s
         else:
             decode, collate = DecodeLabelled(train_transform(data_cfg)), torch.utils.data.default_collate
         stream = ResumableStream(shards, rank, world_size, batch_size, decode, seed=seed,
-                                 shuffle_window=data_cfg.shuffle_buffer, start=start, collate=collate)
+                                 shuffle_window=data_cfg.shuffle_buffer, start=start, collate=collate,
+                                 shuffle_block=data_cfg.shuffle_block)
         return training_batches(stream, workers, exchange)
     stream = EvalStream(shards, rank, world_size, batch_size, DecodeLabelled(eval_transform(data_cfg)))
     return DataLoader(

@@ -3,8 +3,8 @@
 The mixed stream is one virtual sequence of positions 0, 1, 2, ... Positions come in blocks of
 BLOCK; block b gives each source a seeded multinomial share of its positions (mean weight /
 sum(weights)) and spreads them in a seeded order. A source's positions read that source's own
-virtual stream (its epochs in epoch-seeded shard order, window-shuffled, as pipeline.data.stream lays
-out one source), so each source is read exactly once per its own epoch, however often it is drawn.
+virtual stream (its epochs laid out as pipeline.data.stream lays out one source: shard order, block
+order, windows), so each source is read exactly once per its own epoch, however often it is drawn.
 
 Like ResumableStream, the samples of a step are a pure function of (seed, position): the loader's
 state is a small Position (segment of SEGMENT positions, next position in it, spares used from its end
@@ -31,7 +31,8 @@ _CHECKPOINT_BLOCKS = 256  # _block_starts remembers every 256th block's starts: 
 class SourceMix:
     """Which source, and which position of that source's own stream, a mixed position reads."""
 
-    def __init__(self, sources: Sequence[list[Shard]], weights: Sequence[float], seed: int, shuffle_window: int):
+    def __init__(self, sources: Sequence[list[Shard]], weights: Sequence[float], seed: int, shuffle_window: int,
+                 shuffle_block: int = 1):
         if len(sources) != len(weights) or len(sources) < 2:
             raise ValueError(f"mixing needs one weight per source and >= 2 sources, got {len(sources)} "
                              f"sources and {len(weights)} weights")
@@ -42,7 +43,7 @@ class SourceMix:
         if min(self.sizes) < 1:
             raise ValueError("every mixed source needs at least one sample")
         self.probs = np.asarray(weights, dtype=np.float64) / float(sum(weights))
-        self.seed, self.shuffle_window = seed, shuffle_window
+        self.seed, self.shuffle_window, self.shuffle_block = seed, shuffle_window, shuffle_block
         self._starts: tuple[int, np.ndarray] = (0, np.zeros(len(self.sources), dtype=np.int64))
         self._checkpoints: dict[int, np.ndarray] = {0: self._starts[1]}
         self._block: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -94,7 +95,7 @@ class SourceMix:
         if layout is None or layout.epoch != epoch:
             # Each source shuffles with its own seed, so two sources never share an order.
             layout = EpochLayout(self.sources[source], self.seed + 7919 * (source + 1), epoch, True,
-                                 self.shuffle_window)
+                                 self.shuffle_window, self.shuffle_block)
             self._layouts[source] = layout
         return (source, *layout.locate(offset))
 
@@ -119,10 +120,10 @@ class MixedStream(ResumableStream):
     def __init__(self, sources: Sequence[list[Shard]], weights: Sequence[float], rank: int, world_size: int,
                  batch_size_per_rank: int, decode: Callable[[dict], Any], seed: int, shuffle_window: int,
                  start: Position = Position(),
-                 collate: Callable[[list], Any] = torch.utils.data.default_collate):
-        self.mix = SourceMix(sources, weights, seed, shuffle_window)
+                 collate: Callable[[list], Any] = torch.utils.data.default_collate, shuffle_block: int = 1):
+        self.mix = SourceMix(sources, weights, seed, shuffle_window, shuffle_block)
         super().__init__([s for source in sources for s in source], rank, world_size, batch_size_per_rank,
-                         decode, seed, shuffle_window, start, collate)
+                         decode, seed, shuffle_window, start, collate, shuffle_block)
 
     def _check_size(self) -> None:
         if self.global_batch > SEGMENT:

@@ -1,7 +1,9 @@
 """Exactly-once, resumable sample streams over webdataset tars.
 
-An epoch is one virtual stream: the shards in an epoch-seeded order, concatenated. It is shuffled in
-windows of `shuffle_window` consecutive positions (a seeded permutation per window), then dealt out
+An epoch is one virtual stream: the shards in an epoch-seeded order, concatenated, cut into blocks of
+`shuffle_block` consecutive samples put in an epoch-seeded order (EpochLayout; with blocks of 1 every
+position is a uniform draw, whatever order the shards were written in), shuffled in windows of
+`shuffle_window` consecutive positions (a seeded permutation per window), then dealt out
 in global micro-batches of `batch_size_per_rank x world_size` consecutive positions; rank r takes
 slice r of each. A DataLoader worker w builds the micro-batches k = w, w + W, ... counted from where
 the loader started, which is the order torch's DataLoader hands them back in. A slice that lost
@@ -32,6 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from pipeline.data.permute import Permutation
 from pipeline.data.reader import SkipSample
 from pipeline.data.shards import Shard
 
@@ -58,31 +61,93 @@ def _seed(*parts: int) -> int:
 
 
 class EpochLayout:
-    """Maps a stream position of one epoch to (shard path, sample index inside the shard)."""
+    """Maps a stream position of one epoch to (shard path, sample index inside the shard).
 
-    def __init__(self, shards: list[Shard], seed: int, epoch: int, shuffle: bool, shuffle_window: int):
+    The epoch's samples (its shards in epoch order, concatenated) are cut into blocks of `block_size`
+    consecutive samples, the blocks put in an epoch-seeded order (a table-free Permutation), and that
+    sequence shuffled in windows of `shuffle_window` positions. With block_size 1 every position is an
+    independent, uniformly drawn sample of the epoch, whatever order the shards were written in. Larger
+    blocks keep a window's reads within window / block_size runs of consecutive samples, and mix only
+    when the window holds many blocks (launch's preflight warns when it cannot)."""
+
+    def __init__(self, shards: list[Shard], seed: int, epoch: int, shuffle: bool, shuffle_window: int,
+                 block_size: int = 1):
         self.order = epoch_order(shards, seed, epoch, shuffle)
         self.starts = np.cumsum([0] + [s.num_samples for s in self.order]).tolist()
         self.num_samples = self.starts[-1]
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
-        self.window = max(1, shuffle_window) if shuffle else 1
-        self._perms: dict[int, np.ndarray] = {}
+        self.window = max(1, shuffle_window)
+        self.block_size = max(1, block_size)
+        num_blocks = -(-self.num_samples // self.block_size)
+        self.blocks = Permutation(num_blocks, _seed(seed, epoch, 0xB1)) if shuffle and num_blocks else None
+        # Where the last block, the only one that may be short, lands in the block order.
+        self.last_size = self.num_samples - (num_blocks - 1) * self.block_size
+        self.last_slot = int(self.blocks.inverse(num_blocks - 1)[0]) if self.blocks is not None else 0
+        self._windows: dict[int, np.ndarray] = {}
 
-    def _permuted(self, position: int) -> int:
-        if self.window == 1:
-            return position
-        window, inside = divmod(position, self.window)
-        perm = self._perms.get(window)
-        if perm is None:
-            size = min(self.window, self.num_samples - window * self.window)
-            perm = np.random.default_rng(_seed(self.seed, self.epoch, window, 0xC3)).permutation(size)
-            self._perms = {window: perm}  # windows are visited in order: keep one
-        return window * self.window + int(perm[inside])
+    def _window_sources(self, window: int) -> np.ndarray:
+        """The sample (index into the epoch's concatenated shards) at each position of one window."""
+        sources = self._windows.get(window)
+        if sources is None:
+            first = window * self.window
+            size = min(self.window, self.num_samples - first)
+            order = np.random.default_rng(_seed(self.seed, self.epoch, window, 0xC3)).permutation(size)
+            sources = self._unblock(first + order)
+            # Workers read windows in order; the training iterator's spares read the epoch's last ones.
+            self._windows = {w: v for w, v in self._windows.items() if w == window - 1}
+            self._windows[window] = sources
+        return sources
+
+    def _unblock(self, indices: np.ndarray) -> np.ndarray:
+        """Indices into the block-ordered sequence -> indices into the concatenated shards."""
+        size, partial_at = self.block_size, self.last_slot * self.block_size
+        after = indices >= partial_at + self.last_size  # past the short block: shift by what it lacks
+        shifted = np.where(after, indices + (size - self.last_size), indices)
+        slot, inside = np.divmod(shifted, size)
+        return self.blocks(slot) * size + inside
 
     def locate(self, position: int) -> tuple[str, int]:
-        source = self._permuted(position)
+        if self.blocks is None:  # evaluation: shard order, as written
+            source = position
+        else:
+            window, inside = divmod(position, self.window)
+            source = int(self._window_sources(window)[inside])
         shard = bisect.bisect_right(self.starts, source) - 1
         return self.order[shard].path, source - self.starts[shard]
+
+
+def independent_share(shuffle_window: int, shuffle_block: int, global_batch: int) -> float:
+    """About what share of a global micro-batch's samples are independent draws: the expected number of
+    distinct blocks among its positions over its size. 1.0 with shuffle_block 1; with larger blocks a
+    batch holds several consecutive samples of one block (in class-ordered shards, one class) unless the
+    window holds many more blocks than the batch has samples."""
+    if shuffle_block == 1:
+        return 1.0
+    share = min(1.0, global_batch / shuffle_window)  # chance that a given sample of the window is in the batch
+    blocks = shuffle_window / shuffle_block * (1.0 - (1.0 - share) ** shuffle_block)
+    return blocks / min(global_batch, shuffle_window)
+
+
+def mixing_shortfall(shuffle_window: int, shuffle_block: int, global_batch: int,
+                     num_classes: int | None = None, min_share: float = 0.75) -> str | None:
+    """Why this layout cannot mix shards written in class order (one line), or None when it can."""
+    if shuffle_block == 1:
+        return None  # every position is an independent draw
+    blocks = shuffle_window // shuffle_block
+    share = independent_share(shuffle_window, shuffle_block, global_batch)
+    if share < min_share:
+        needed = shuffle_window
+        while independent_share(needed, shuffle_block, global_batch) < min_share:
+            needed *= 2
+        return (f"data.shuffle_block {shuffle_block} with data.shuffle_buffer {shuffle_window}: a global "
+                f"micro-batch of {global_batch} holds runs of consecutive samples (about {share:.0%} independent "
+                f"draws), so shards written in class order give batches of few classes; use shuffle_block 1, "
+                f"or shuffle_buffer >= {needed}")
+    if num_classes and blocks < 2 * num_classes:
+        return (f"data.shuffle_block {shuffle_block} with data.shuffle_buffer {shuffle_window}: a shuffle window "
+                f"holds {blocks} blocks of consecutive samples, fewer than 2 per class ({num_classes} classes); "
+                f"use shuffle_block 1, or shuffle_buffer >= {2 * num_classes * shuffle_block}")
+    return None
 
 
 class TarSamples:
@@ -170,10 +235,11 @@ class ResumableStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], rank: int, world_size: int, batch_size_per_rank: int,
                  decode: Callable[[dict], Any], seed: int, shuffle_window: int, start: Position = Position(),
-                 collate: Callable[[list], Any] = torch.utils.data.default_collate):
+                 collate: Callable[[list], Any] = torch.utils.data.default_collate, shuffle_block: int = 1):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.batch_size, self.decode, self.seed = batch_size_per_rank, decode, seed
-        self.shuffle_window, self.start, self.collate = shuffle_window, start, collate
+        self.shuffle_window, self.shuffle_block = shuffle_window, shuffle_block
+        self.start, self.collate = start, collate
         self.global_batch = batch_size_per_rank * world_size
         self._layouts: dict[int, EpochLayout] = {}
         self._check_size()
@@ -186,7 +252,7 @@ class ResumableStream(IterableDataset):
         """The position -> sample map of one epoch (the last two asked for are kept)."""
         layout = self._layouts.get(epoch)
         if layout is None:
-            layout = EpochLayout(self.shards, self.seed, epoch, True, self.shuffle_window)
+            layout = EpochLayout(self.shards, self.seed, epoch, True, self.shuffle_window, self.shuffle_block)
             self._layouts = {e: v for e, v in self._layouts.items() if e == epoch - 1}
             self._layouts[epoch] = layout
         return layout
