@@ -96,8 +96,20 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> ShardRecord:
                 num_samples += 1
         raw.flush()
         os.fsync(raw.fileno())
+    # The member index first, so a tar under its final name always has one: readers of a bucket fetch
+    # samples by ranged requests without scanning headers over the network (pipeline/data/tar_index.py).
+    write_index_sidecar(partial, path)
     os.replace(partial, path)
     return ShardRecord(path.name, num_samples, hashing.num_bytes, hashing.hexdigest())
+
+
+def write_index_sidecar(tar_path: Path, final_path: Path) -> Path:
+    """`<stem>.idx.json` beside `final_path`, describing the tar at `tar_path` (its not-yet-renamed self)."""
+    from pipeline.data.tar_index import index_local, sidecar_name, to_json
+
+    target = final_path.with_name(sidecar_name(final_path.name))
+    write_bytes_atomic(target, to_json(index_local(tar_path), tar_path.stat().st_size).encode("utf-8"))
+    return target
 
 
 def write_shards(out_dir: Path, samples: Iterable[Sample], samples_per_shard: int,

@@ -20,6 +20,7 @@ from typing import Iterable
 
 import torch
 
+from pipeline import storage
 from pipeline.config import Config, load_config
 from pipeline.data.fast_image import fast_path_supported
 from pipeline.data.shards import Shard, read_manifest, resolve_shards
@@ -104,7 +105,7 @@ def benchmark_config(args: argparse.Namespace) -> Config:
         from launch.prepare import ensure_sample_corpus
 
         ensure_sample_corpus(cfg, args.config)
-    elif not os.path.exists(args.data):
+    elif not storage.exists(args.data) and not any(c in args.data for c in "*?[{"):
         raise ValueError(f"--data: {args.data} does not exist")
     return cfg
 
@@ -112,7 +113,7 @@ def benchmark_config(args: argparse.Namespace) -> Config:
 def detect_kind(spec: str, shards: list[Shard], model_kind: str) -> str:
     """'labelled' or 'image_text': the manifest's kind, else the extensions of the first shard's samples."""
     first = spec.split("::")[0].strip()
-    manifest = read_manifest(first) if os.path.isdir(first) else None
+    manifest = read_manifest(first)
     if manifest and manifest.get("kind") in KINDS:
         return manifest["kind"]
     exts = sample_extensions(shards[0].path)
@@ -131,6 +132,14 @@ def detect_kind(spec: str, shards: list[Shard], model_kind: str) -> str:
 
 def sample_extensions(path: str, max_members: int = 64) -> set[str]:
     exts: set[str] = set()
+    if storage.is_remote(path):  # the member index (sidecar, cache or one read), not a local tar
+        from pipeline.data.tar_index import read_index
+
+        try:
+            samples = read_index(path)
+        except (OSError, tarfile.TarError) as err:
+            raise ValueError(f"{path}: not a readable tar shard ({err})") from None
+        return {ext for _, members in samples[:max_members] for ext, _, _ in members}
     try:
         with tarfile.open(path, "r|*") as tar:
             for count, member in enumerate(tar):

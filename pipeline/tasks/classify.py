@@ -4,7 +4,6 @@ Cross-entropy (label smoothing) or BCE (ResNet strikes back), mixup/cutmix, top-
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import torch
@@ -26,7 +25,7 @@ from pipeline.tasks.base import Task, all_reduce_sum
 def num_classes_of(cfg: Config) -> int:
     if cfg.data.num_classes:
         return cfg.data.num_classes
-    manifest = read_manifest(cfg.data.train) if os.path.isdir(cfg.data.train) else None
+    manifest = read_manifest(cfg.data.train)
     if manifest and manifest.get("num_classes"):
         return int(manifest["num_classes"])
     raise ConfigError("data.num_classes", "not set and the training manifest does not give num_classes")

@@ -59,7 +59,7 @@ def zero_shot_prompts(cfg: Config) -> tuple[list[str], list]:
         if not classnames:
             raise ConfigError("distill.zeroshot_classes", f"{folder} has no classnames.txt")
         return classnames, templates or list(OPENAI_IMAGENET_TEMPLATES)
-    manifest = read_manifest(cfg.data.train) if os.path.isdir(cfg.data.train) else None
+    manifest = read_manifest(cfg.data.train)
     if not manifest or not manifest.get("classnames"):
         raise ConfigError("distill.zeroshot_classes", "a CLIP teacher needs class names: set this folder "
                           "or train on shards whose manifest lists classnames")
