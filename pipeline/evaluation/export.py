@@ -1,11 +1,16 @@
 """Export resolved weights to files open_clip and timm load without edits.
 
-  open_clip    state dict (.bin/.pt or .safetensors) for
+  open_clip    weights (.bin/.pt or .safetensors) for
                open_clip.create_model_and_transforms(NAME, pretrained=PATH); for architectures
                open_clip does not ship, NAME.json is written beside it (open_clip.add_model_config(it)).
-  timm         state dict for timm.create_model(NAME, checkpoint_path=PATH, num_classes=N).
-  safetensors  the weights plus metadata naming the architecture, so `resolve(PATH)` needs no --model;
-               open_clip and timm load it like any .safetensors file.
+  timm         weights for timm.create_model(NAME, checkpoint_path=PATH, num_classes=N); our own tiny
+               architectures (resnet_tiny, resnet_nano) after `import pipeline.models`, which registers them.
+  safetensors  the weights plus the same record, for any architecture.
+
+Every file records what it holds (architecture, the run's config, step, weights hash): as safetensors
+metadata, or in a .bin/.pt/.pth as {"state_dict": weights, "metadata": {...}}, the checkpoint layout
+timm's and open_clip's loaders unwrap themselves. So `launch eval` reads every export back without
+--model, with the source checkpoint's eval transform and numbers.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def _write_weights(state: dict[str, torch.Tensor], output: Path, metadata: dict[
     if output.suffix == ".safetensors":
         save_file(state, str(output), metadata=metadata)
     elif output.suffix in (".bin", ".pt", ".pth"):
-        torch.save(state, output)
+        torch.save({"state_dict": state, "metadata": metadata}, output)
     else:
         raise ValueError(f"--output {output}: use a .safetensors, .bin, .pt or .pth file name")
 

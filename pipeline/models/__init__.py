@@ -1,4 +1,8 @@
-"""Model registry: residual classifiers from timm (CLIP models join in pipeline.models.clip)."""
+"""Model registry: residual classifiers from timm (CLIP models join in pipeline.models.clip).
+
+Importing this package registers our tiny architectures (resnet_tiny, resnet_nano) with timm, so plain
+timm builds them by name: `import pipeline.models, timm; timm.create_model("resnet_tiny", ...)`.
+"""
 from pipeline.models.residual import RESIDUAL_MODELS, build_classifier
 
 __all__ = ["RESIDUAL_MODELS", "build_classifier", "build_model"]

@@ -7,8 +7,11 @@ supported way (open_clip.add_model_config), so open_clip's own factory, tokenize
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from pathlib import Path
+from typing import Iterator
 
 import open_clip
 import torch
@@ -35,6 +38,25 @@ def register_tiny_configs() -> None:
     if not _registered:
         open_clip.add_model_config(CLIP_CONFIG_DIR)
         _registered = True
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def weights_loaded_after() -> Iterator[None]:
+    """Around open_clip.create_model(pretrained=None) when we load weights right after: open_clip's factory
+    then logs "No pretrained weights loaded ... Model initialized randomly" (through the root logger), which
+    is untrue by the time anyone reads it. Only that notice is dropped."""
+    notice = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def check_clip_name(name: str) -> None:
@@ -77,7 +99,9 @@ def build_clip(model_cfg, contrastive_cfg) -> torch.nn.Module:
         # *-SigLIP configs set the bias but leave the scale at CLIP's log(1/0.07), and CLIP architectures
         # have no bias at all.
         kwargs.update(init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
-    model = open_clip.create_model(model_cfg.name, pretrained=None, output_dict=True, **kwargs)
+    quiet = weights_loaded_after() if model_cfg.pretrained_path else contextlib.nullcontext()
+    with quiet:
+        model = open_clip.create_model(model_cfg.name, pretrained=None, output_dict=True, **kwargs)
     if model_cfg.pretrained_path:
         load_pretrained(model, model_cfg.pretrained_path, model_cfg.name)
     apply_locking(model, contrastive_cfg)

@@ -1,5 +1,8 @@
 """PNG plots of a run: training curves from metrics.jsonl and every eval metric over steps.
 
+Counts (samples, classes, templates, captions: `is_count`) are never plotted: on the axis of a 0-1 metric
+they flatten it to a line at zero. The summary tables them instead.
+
 matplotlib runs on its Agg backend (files only, no display), selected per figure through the
 object API so importing this module never changes a caller's global backend.
 """
@@ -47,14 +50,22 @@ TRAINING_CURVES = (
 )
 
 # In-training eval metrics (val_*) grouped onto one plot per family; the first pattern that matches
-# a key names its group. Sample counts (val_samples, val_zeroshot_X_samples) are not metrics.
+# a key names its group.
 EVAL_GROUPS = (
     (re.compile(r"^val_(ema_)?top\d+$"), "val_accuracy", "Validation accuracy"),
     (re.compile(r"^val_(ema_)?zeroshot_(?P<name>.+)_(acc\d+|mean_per_class_recall)$"), "val_zeroshot_{name}",
      "Zero-shot {name}"),
     (re.compile(r"^val_(ema_)?(image|text)_retrieval_recall@\d+$"), "val_retrieval", "Retrieval recall"),
 )
-NOT_PLOTTED = re.compile(r"^val_(ema_)?((.+_)?samples|loss)$")
+NOT_PLOTTED = re.compile(r"^val_(ema_)?loss$")  # on the loss plot
+# What our stages and CLIP_benchmark call their counts: val_samples, val_expected_samples,
+# val_zeroshot_X_samples, num_samples, num_classes, num_templates, num_captions, num_train, num_test ...
+COUNT_KEY = re.compile(r"(^|_)num_|(^|_)samples$|_count$")
+
+
+def is_count(key: str) -> bool:
+    """A count, not a metric: tabled by the summary, never drawn."""
+    return COUNT_KEY.search(key) is not None
 
 
 def series(rows: list[dict], key: str) -> Series:
@@ -89,7 +100,7 @@ def eval_metric_groups(rows: list[dict]) -> dict[str, tuple[str, list[str]]]:
     groups: dict[str, tuple[str, list[str]]] = {}
     for row in rows:
         for key, value in row.items():
-            if not key.startswith("val_") or not is_number(value) or NOT_PLOTTED.match(key):
+            if not key.startswith("val_") or not is_number(value) or NOT_PLOTTED.match(key) or is_count(key):
                 continue
             stem, title = _safe_name(key), key
             for pattern, stem_format, title_format in EVAL_GROUPS:
@@ -104,7 +115,7 @@ def eval_metric_groups(rows: list[dict]) -> dict[str, tuple[str, list[str]]]:
     return groups
 
 
-def _eval_result_series(record: RunRecord) -> dict[tuple[str, str], dict[str, Series]]:
+def eval_result_series(record: RunRecord) -> dict[tuple[str, str], dict[str, Series]]:
     """(task, dataset) -> metric -> points over checkpoint_step, from the eval result JSONs."""
     found: dict[tuple[str, str], dict[str, Series]] = defaultdict(lambda: defaultdict(list))
     for result in record.eval_results:
@@ -112,7 +123,7 @@ def _eval_result_series(record: RunRecord) -> dict[tuple[str, str], dict[str, Se
         if not isinstance(step, int):
             continue  # an outside checkpoint: in the tables, not on a curve
         for metric, value in result["metrics"].items():
-            if is_number(value) and metric not in ("num_samples",):
+            if is_number(value) and not is_count(metric):
                 found[(str(result["task"]), str(result["dataset"]))][metric].append((step, float(value)))
     return {key: {m: sorted(points) for m, points in metrics.items()} for key, metrics in found.items()}
 
@@ -130,7 +141,7 @@ def write_plots(record: RunRecord, output_dir: Path) -> list[Plot]:
         lines = {key: series(record.rows, key) for key in keys}
         _draw(output_dir / f"{stem}.png", title, "value", lines)
         plots.append(Plot(title, f"{stem}.png", tuple(keys)))
-    for (task, dataset), metrics in sorted(_eval_result_series(record).items()):
+    for (task, dataset), metrics in sorted(eval_result_series(record).items()):
         filename = f"eval_{_safe_name(task)}_{_safe_name(dataset)}.png"
         _draw(output_dir / filename, f"{task} on {dataset} (eval/ results)", "value", metrics)
         plots.append(Plot(f"{task} on {dataset}", filename, tuple(metrics)))
