@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,6 +53,9 @@ class Batch:
     skipped: dict[str, int] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)
     """'shard/key' of each row: worker processes interleave batches, so order-sensitive consumers sort."""
+    shard_error: str | None = None
+    """'SHARD: problem' when a shard could not be read (truncated, not a tar): raised as a ValueError by the
+    main process (see _tar_samples)."""
 
 
 class BadSample(Exception):
@@ -207,6 +211,9 @@ def _batches(samples: Iterable[dict], decode: Callable, batch_size: int, with_la
     items: list = []
     skipped: Counter = Counter()
     for sample in samples:
+        if _SHARD_ERROR in sample:
+            yield Batch(images=torch.empty(0), shard_error=sample[_SHARD_ERROR])
+            return
         try:
             key = f"{Path(sample.get('__url__', '')).name}/{sample.get('__key__')}"
             items.append((key, *decode(sample)))
@@ -220,18 +227,51 @@ def _batches(samples: Iterable[dict], decode: Callable, batch_size: int, with_la
         yield _collate(items, skipped, with_labels)
 
 
+_SHARD_ERROR = "__shard_error__"
+
+
+def _tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
+    """webdataset's tar reader, shard by shard. A shard that cannot be read ends the stream with one sample
+    naming it and the problem: raised inside a loader worker, the error would reach the console as the
+    worker's traceback instead of one line."""
+    for shard in shards:
+        try:
+            yield from wds.tarfile_to_samples()(iter([shard]))
+        except (tarfile.TarError, EOFError, OSError) as err:
+            # webdataset appends " @ <stream>" to the reason, and the stream and url as further args.
+            reason = str(err.args[0]).split(" @ ", 1)[0] if err.args else type(err).__name__
+            problem = (f"truncated tar shard ({reason})" if reason == "unexpected end of data"
+                       else f"corrupt shard or not a tar file ({reason})")
+            yield {_SHARD_ERROR: f"{shard['url']}: {problem}; re-create it or move it out of the folder"}
+            return
+
+
+class _Batches:
+    """The loader's batches, each checked in the main process: a shard that could not be read stops the
+    evaluation with a ValueError naming it (the launcher prints it as one line)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            if batch.shard_error:
+                raise ValueError(batch.shard_error)
+            yield batch
+
+
 def _loader(shards: list[Path], decode: Callable, batch_size: int, num_workers: int, with_labels: bool):
     # Batching happens inside the pipeline (each worker batches its own shards), so the DataLoader
     # passes Batch objects through untouched (batch_size=None). More workers than shards would idle.
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([str(s) for s in shards]),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        _tar_samples,
         partial(_batches, decode=decode, batch_size=batch_size, with_labels=with_labels),
     )
     workers = min(num_workers, len(shards))
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
-                                       persistent_workers=False)
+    return _Batches(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
+                                                persistent_workers=False))
 
 
 def labelled_batches(shards: list[Path], transform: Transform, batch_size: int, num_workers: int):
