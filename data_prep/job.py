@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,9 @@ from data_prep.manifest import build_manifest, write_dataset_metadata
 from data_prep.partition import OK, PartitionResult, PartitionTask, process_partition, read_stats, stats_path
 from data_prep.rows import DUPLICATE_KEY_COL, EVAL_KINDS, SOURCE_ROW_COL, RowSpec
 from data_prep.writer import ShardRecord, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from data_prep.bucket import BucketOutput
 
 JOB_FILE = "_job.json"
 
@@ -51,6 +54,8 @@ class JobOptions:
     """Rows go into a seeded random order (within each input) before they are cut into shards, so a
     tree walked class by class still gives shards that mix every class; None keeps the input order.
     Evaluation sets always keep it."""
+    publish: "BucketOutput | None" = None
+    """--output in a bucket: out_dir is its staging folder, each finished shard is uploaded (data_prep/bucket.py)."""
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.num_workers < 1 or self.num_threads < 1:
@@ -81,12 +86,22 @@ def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOp
     todo = [t for t in tasks if _needs_run(out_dir, t, job.retry_failed)]
     num_rows = sum(t.rows.num_rows for t in todo)
     with _progress(num_rows, job.show_progress) as advance:
+        if job.publish is not None:
+            advance = _publishing(advance, job.publish, out_dir)
         _execute(spec, todo, out_dir, job, _seen_hashes(out_dir, tasks) if job.dedup else None,
                  advance)
     manifest = _finalize(out_dir, spec, tasks, sources, job, dataset_name=dataset_name, split=split,
                          source_info=source_info, extra_rejected=extra_rejected or {},
                          manifest_extra=manifest_extra or {})
     return JobReport(manifest, len(todo), time.monotonic() - start)
+
+
+def _publishing(advance: Callable[[PartitionResult], None], bucket: "BucketOutput",
+                out_dir: Path) -> Callable[[PartitionResult], None]:
+    def publish_then_advance(result: PartitionResult) -> None:
+        bucket.push_shard(out_dir, result.shard.name)
+        advance(result)
+    return publish_then_advance
 
 
 def shuffle_rows(sources: list[SourceTable], seed: int) -> list[SourceTable]:

@@ -119,3 +119,38 @@ def _env(tmp_path: Path) -> dict:
     import os
 
     return {**os.environ, "RESCLIP_CACHE": str(tmp_path / "cache")}
+
+
+def test_data_prep_to_a_bucket_and_rerun_after_a_kill(s3_bucket, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.cli import main
+
+    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))
+    pq.write_table(pa.table({"image": [_jpeg(40 * i) for i in range(10)],
+                             "caption": [f"caption {i}" for i in range(10)]}), tmp_path / "t.parquet")
+    url = f"{s3_bucket}/ds"
+    argv = ["image-text", "--input", str(tmp_path / "t.parquet"), "--output", url, "--caption-col", "caption",
+            "--bytes-col", "image", "--shard-size", "4", "--image-size", "16", "--no-progress"]
+    assert main(argv) == 0
+    names = storage.listdir(url)
+    assert {"00000.tar", "00000.idx.json", "00000.stats.parquet", "00002.tar", "manifest.json",
+            "sizes.json"} <= set(names)
+    first = read_manifest(url)
+    assert [s.num_samples for s in resolve_shards(url)] == [4, 4, 2]
+    assert not list((tmp_path / "cache" / "data_prep_staging").rglob("*.tar"))  # uploaded, not kept
+    # Killed before the last shard finished, then rerun on another machine (empty staging).
+    for name in ("manifest.json", "00002.stats.parquet", "00002.tar"):
+        storage.remove(f"{url}/{name}")
+    shutil.rmtree(tmp_path / "cache" / "data_prep_staging")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "(1 partitions run" in capsys.readouterr().out
+    again = read_manifest(url)
+    assert again["shards"] == first["shards"]  # byte-identical shards (same sha256)
+    keys = [k for batch, _ in EvalStream(resolve_shards(url), 0, 1, 4, lambda raw: raw["txt"], collate=list)
+            for k in batch]
+    assert sorted(keys) == sorted(f"caption {i}".encode() for i in range(10))
