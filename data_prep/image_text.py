@@ -39,7 +39,24 @@ def load_sources(patterns: Sequence[str], columns: Sequence[str | None]) -> list
         require_columns(loaded, columns)
         sources.append(SourceTable(str(path), str(path.parent.resolve()), loaded.table,
                                    loaded.num_unreadable_rows))
+    if not any(s.table.num_rows for s in sources):
+        unreadable = sum(s.num_unreadable_rows for s in sources)
+        why = f"{unreadable} unreadable lines" if unreadable else "a header or schema only"
+        raise ValueError(f"{', '.join(s.source for s in sources)}: no rows ({why}); nothing to write")
     return sources
+
+
+def check_bytes_column(sources: Sequence[SourceTable], column: str) -> None:
+    """--bytes-col must name encoded image bytes (binary, or Hugging Face's {bytes, path} struct):
+    a column of text would reject every row, so it stops the job before any work."""
+    for src in sources:
+        kind = src.table.schema.field(column).type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                or pa.types.is_fixed_size_binary(kind) or pa.types.is_struct(kind)
+                or pa.types.is_null(kind)):
+            raise ValueError(f"{src.source}: --bytes-col {column!r} is a {kind} column; it must "
+                             "hold encoded image bytes (binary), e.g. parquet written from file "
+                             "contents (use --path-col for file paths, --url-col for URLs)")
 
 
 def _passthrough(sources: list[SourceTable], request: ImageTextRequest) -> tuple[str, ...]:
@@ -50,6 +67,8 @@ def _passthrough(sources: list[SourceTable], request: ImageTextRequest) -> tuple
 
 def run_image_text(request: ImageTextRequest) -> JobReport:
     sources = load_sources(request.inputs, [request.caption_col, request.image_col, request.key_col])
+    if request.image_source == "bytes":
+        check_bytes_column(sources, request.image_col)
     spec = RowSpec("image_text", request.image_col, request.image_source,
                    caption_col=request.caption_col, key_col=request.key_col,
                    passthrough_cols=_passthrough(sources, request), image=request.image,
@@ -64,6 +83,8 @@ def run_retrieval(request: ImageTextRequest, image_id_col: str | None = None) ->
     (CLIP_benchmark's layout). Rows that share an image (or --image-id-col) are merged first."""
     group_col = image_id_col or request.image_col
     sources = load_sources(request.inputs, [request.caption_col, request.image_col, group_col])
+    if request.image_source == "bytes":
+        check_bytes_column(sources, request.image_col)
     grouped: list[SourceTable] = []
     extra_rejected: dict[str, int] = {}
     for src in sources:

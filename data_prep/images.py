@@ -78,7 +78,7 @@ def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
 def process_image(raw: bytes, options: ImageOptions) -> EncodedImage:
     """Decode, orient, convert to RGB, resize and encode one image."""
     if not raw:
-        raise RowRejected("empty_file")
+        raise RowRejected("empty_file", "0 bytes")
     image = _open(raw)
     source_format = image.format
     if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
@@ -89,7 +89,7 @@ def process_image(raw: bytes, options: ImageOptions) -> EncodedImage:
     if orientation in (5, 6, 7, 8):  # these EXIF orientations swap the stored axes
         width, height = height, width
     if min(width, height) < options.min_image_size:
-        raise RowRejected("too_small", f"{width}x{height}")
+        raise RowRejected("too_small", f"{width}x{height}, below --min-image-size {options.min_image_size}")
     if options.resize_mode != "none" and source_format == "JPEG":
         # Decode at a reduced scale straight from the DCT: the largest speed-up for big JPEGs.
         image.draft("RGB", _scaled_size(image.size, options.image_size))
@@ -107,7 +107,7 @@ def _open(raw: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(raw))
     except UnidentifiedImageError:
-        raise RowRejected("not_an_image") from None
+        raise RowRejected("not_an_image", f"{len(raw)} bytes in no image format Pillow reads") from None
     except Image.DecompressionBombError as exc:
         raise RowRejected("image_too_large", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad row

@@ -2,7 +2,9 @@
 zero-shot half of `data-prep eval-set` (CLIP_benchmark's webdataset layout)."""
 from __future__ import annotations
 
+import glob
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -42,6 +44,9 @@ class LabelledRequest:
 
 def load_labelled(request: LabelledRequest) -> tuple[list[SourceTable], tuple[str, ...], dict[str, int]]:
     """Sources with `path` and `label` columns, the class names, and rows rejected while listing."""
+    if not glob.has_magic(request.input) and not Path(request.input).exists():
+        raise ValueError(f"--input {request.input}: does not exist (expected an ImageFolder "
+                         "folder, or a table with --path-col and --label-col)")
     if Path(request.input).is_dir():
         if request.path_col or request.label_col:
             raise ValueError("--path-col/--label-col apply to tables; "
@@ -72,6 +77,9 @@ def scan_image_folder(root: Path) -> tuple[SourceTable, tuple[str, ...], dict[st
             paths.append(path.relative_to(root).as_posix())
             labels.append(class_dir.name)
     stray = sum(1 for p in root.iterdir() if p.is_file())
+    if not paths:
+        raise ValueError(f"{root}: no files in its class sub-folders "
+                         f"({', '.join(d.name for d in class_dirs[:5])}); nothing to write")
     table = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.string())})
     rejected = {"outside_class_folder": stray} if stray else {}
     return SourceTable(str(root), str(root.resolve()), table), tuple(d.name for d in class_dirs), rejected
@@ -85,18 +93,36 @@ def _classnames_from_labels(sources: list[SourceTable]) -> tuple[str, ...]:
     return tuple(sorted(str(v).strip() for v in values if str(v).strip()))
 
 
+def _split_hash(seed: int, path: object) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:8], "big")
+
+
+def split_train_val_sources(sources: Sequence[SourceTable], val_fraction: float,
+                            seed: int) -> list[tuple[SourceTable, SourceTable]]:
+    """Exactly round(n * val_fraction) of all n rows go to val: the rows whose hash of
+    (seed, path) is smallest (ties by input and row). Independent of row order and stable across
+    runs; adding files moves at most the few files at the boundary between the splits."""
+    tables = [s.table.append_column(SOURCE_ROW_COL, pa.array(range(s.table.num_rows), pa.int64()))
+              for s in sources]
+    ranked = sorted((_split_hash(seed, p), i, r) for i, t in enumerate(tables)
+                    for r, p in enumerate(t.column("path").to_pylist()))
+    num_val = int(math.floor(len(ranked) * val_fraction + 0.5))
+    chosen = [[False] * t.num_rows for t in tables]
+    for _, i, r in ranked[:num_val]:
+        chosen[i][r] = True
+    pairs = []
+    for source, table, flags in zip(sources, tables, chosen):
+        mask = pa.array(flags, pa.bool_())
+        train = SourceTable(source.source, source.base_dir, table.filter(pc.invert(mask)))
+        # Unreadable lines belong to no split; count them once, with train.
+        train.num_unreadable_rows = source.num_unreadable_rows
+        pairs.append((train, SourceTable(source.source, source.base_dir, table.filter(mask))))
+    return pairs
+
+
 def split_train_val(source: SourceTable, val_fraction: float, seed: int) -> tuple[SourceTable, SourceTable]:
-    """Deterministic split by a hash of (seed, path): stable across runs and row order, and a file
-    never moves between splits when others are added."""
-    table = source.table.append_column(SOURCE_ROW_COL, pa.array(range(source.table.num_rows), pa.int64()))
-    threshold = int(val_fraction * 2**64)
-    is_val = [int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode()).digest()[:8], "big") < threshold
-              for p in table.column("path").to_pylist()]
-    mask = pa.array(is_val, pa.bool_())
-    train = SourceTable(source.source, source.base_dir, table.filter(pc.invert(mask)))
-    # Unreadable lines belong to no split; count them once, with train.
-    train.num_unreadable_rows = source.num_unreadable_rows
-    return train, SourceTable(source.source, source.base_dir, table.filter(mask))
+    """One source split as split_train_val_sources does."""
+    return split_train_val_sources([source], val_fraction, seed)[0]
 
 
 def run_labelled(request: LabelledRequest, kind: str = "labelled") -> dict[str, JobReport]:
@@ -116,7 +142,7 @@ def run_labelled(request: LabelledRequest, kind: str = "labelled") -> dict[str, 
         split = "test" if kind == "zeroshot" else "train"
         return {split: run_job(spec, sources, out, request.job, dataset_name=request.output.name,
                                split=split, source_info=info, extra_rejected=rejected)}
-    pairs = [split_train_val(s, request.val_fraction, request.seed) for s in sources]
+    pairs = split_train_val_sources(sources, request.val_fraction, request.seed)
     reports = {}
     for index, split in enumerate(("train", "val")):
         reports[split] = run_job(spec, [p[index] for p in pairs], request.output / split, request.job,

@@ -22,7 +22,7 @@ STATS_SUFFIX = ".stats.parquet"
 OK = "ok"
 _SHARD_META_KEY = b"data_prep_shard"
 _STATS_SCHEMA = pa.schema([
-    ("row", pa.int64()), ("source", pa.string()), ("source_row", pa.int64()),
+    ("row", pa.int64()), ("source", pa.string()), ("source_row", pa.int64()), ("path", pa.string()),
     ("key", pa.string()), ("status", pa.string()), ("detail", pa.string()),
     ("sha256", pa.string()), ("original_width", pa.int32()), ("original_height", pa.int32()),
 ])
@@ -87,7 +87,7 @@ def process_partition(spec: RowSpec, task: PartitionTask, out_dir: str, num_thre
     statuses = previous[0] if previous else [{} for _ in rows]
     samples = dict(previous[1]) if previous else {}
     for offset, outcome in outcomes.items():
-        statuses[offset] = _status(task, offset, rows[offset], keys[offset], outcome)
+        statuses[offset] = _status(spec, task, offset, rows[offset], keys[offset], outcome)
         if isinstance(outcome, BuiltRow):
             samples[keys[offset]] = outcome.sample
     ordered = [samples[keys[i]] for i in range(len(rows)) if statuses[i]["status"] == OK]
@@ -140,16 +140,42 @@ def _drop_duplicates(outcomes: dict[int, BuiltRow | RowRejected], claimer: HashC
             outcomes[offset] = RowRejected("duplicate_image", outcome.sha256)
 
 
-def _status(task: PartitionTask, offset: int, row: dict, key: str,
+# What a rejection means when the code that rejected the row had nothing more specific to say.
+_REASON_DETAIL = {
+    "missing_caption": "no caption in {caption_col}", "empty_caption": "blank caption in {caption_col}",
+    "caption_not_utf8": "caption in {caption_col} is not UTF-8", "missing_label": "no label in {label_col}",
+    "missing_url": "no URL in {image_col}", "missing_path": "no path in {image_col}",
+    "missing_bytes": "no bytes in {image_col}", "not_bytes": "{image_col} does not hold bytes",
+    "duplicate_key": "an earlier row has this {key_col}", "invalid_key": "empty or unusable key",
+}
+
+
+def row_path(spec: RowSpec, row: dict) -> str | None:
+    """The image's path or URL as the input gave it (a bytes column: the struct's path, if any)."""
+    value = row.get(spec.image_col)
+    if spec.image_source == "bytes":
+        value = value.get("path") if isinstance(value, dict) else None
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", errors="replace")
+    return None if value is None else str(value)[:1000]
+
+
+def _status(spec: RowSpec, task: PartitionTask, offset: int, row: dict, key: str,
             outcome: BuiltRow | RowRejected) -> dict:
     status: dict[str, Any] = {
         "row": task.first_global_row + offset, "source": task.source,
-        "source_row": _source_row(task, offset, row), "key": key,
+        "source_row": _source_row(task, offset, row), "path": row_path(spec, row), "key": key,
         "status": OK, "detail": "", "sha256": None,
         "original_width": None, "original_height": None,
     }
     if isinstance(outcome, RowRejected):
-        status.update(status=outcome.reason, detail=outcome.detail[:500])
+        detail = outcome.detail
+        if not detail:
+            columns = {"caption_col": spec.caption_col, "label_col": spec.label_col,
+                       "image_col": spec.image_col, "key_col": spec.key_col}
+            detail = _REASON_DETAIL.get(outcome.reason, outcome.reason.replace("_", " ")).format(
+                **{k: repr(v) for k, v in columns.items()})
+        status.update(status=outcome.reason, detail=detail[:500])
     else:
         status.update(sha256=outcome.sha256, original_width=outcome.image.original_width,
                       original_height=outcome.image.original_height)
