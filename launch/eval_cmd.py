@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline import storage
+
 # pipeline.evaluation pulls in open_clip and scikit-learn: imported when a command runs, not when
 # `launch` builds its parser (that kept every `launch` command ~7 s slower to start).
 
@@ -92,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"eval: give a TASK ({', '.join(_TASK_HELP)}) or --config FILE")
         return _run_plan(Path(args.config))
     options = _options(args)
+    if storage.is_remote(args.data):  # sets are read whole: one cached local copy (pipeline/data/local_copy.py)
+        from pipeline.data.local_copy import local_copy
+
+        storage.check_reachable(args.data, "--data")
+        args.data = str(local_copy(args.data))
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder")
     from pipeline.evaluation.resolver import resolve

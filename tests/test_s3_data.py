@@ -154,3 +154,30 @@ def test_data_prep_to_a_bucket_and_rerun_after_a_kill(s3_bucket, tmp_path, monke
     keys = [k for batch, _ in EvalStream(resolve_shards(url), 0, 1, 4, lambda raw: raw["txt"], collate=list)
             for k in batch]
     assert sorted(keys) == sorted(f"caption {i}".encode() for i in range(10))
+
+
+def test_launch_eval_reads_a_set_from_a_bucket(s3_bucket, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from launch import eval_cmd
+    from test_evaluation_helpers import labelled_samples, random_images, register_tiny_clip, tiny_clip, write_shards
+
+    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))
+    name = register_tiny_clip(tmp_path / "configs")
+    torch.save(tiny_clip(seed=2).state_dict(), tmp_path / "tiny.pt")
+    data = tmp_path / "wds_toy"
+    write_shards(data / "test", labelled_samples(random_images(6, seed=0), [0, 1, 2, 0, 1, 2]), per_shard=3)
+    (data / "classnames.txt").write_text("red\ngreen\nblue\n")
+    (data / "zeroshot_classification_templates.txt").write_text("a {c} image.\n")
+    storage.upload(data, f"{s3_bucket}/wds_toy")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="launch")
+    eval_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
+    results = []
+    for where in (str(data), f"{s3_bucket}/wds_toy", f"{s3_bucket}/wds_toy"):  # the second bucket run: cached
+        args = parser.parse_args(["eval", "zeroshot", "--checkpoint", str(tmp_path / "tiny.pt"), "--model", name,
+                                  "--data", where, "--workers", "0", "--device", "cpu"])
+        assert args.func(args) == 0
+        results.append(json.loads(capsys.readouterr().out)["metrics"])
+    assert results[0] == results[1] == results[2] and results[0]["num_samples"] == 6
