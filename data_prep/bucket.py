@@ -6,7 +6,7 @@ then its stats file (the stats file is what marks a partition done, so a tar wit
 dataset's sizes.json, _info.json and other small files when the job ends, and every manifest.json last.
 A rerun after a kill, on this machine or any other, first copies the bucket's small files (the job
 identity and the stats files, not the tars) into the staging folder, so the job skips every partition
-the bucket already holds; --retry-failed also copies the tars of the partitions it will reopen.
+the bucket already holds; --retry-failed also copies the tars (all of them: it keeps their good rows).
 Staging: $RESCLIP_CACHE/data_prep_staging/<sha256 of the URL>; uploaded tars are removed from it.
 """
 from __future__ import annotations
