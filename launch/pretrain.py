@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from launch.prepare import absolute_paths, ensure_sample_corpus, preflight, write_run_record
-from pipeline import preemption
+from pipeline import preemption, storage
 from pipeline.config import Config, load_config
 
 
@@ -45,23 +44,30 @@ def check_resume_checkpoint(cfg: Config) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = prepared_config(args.config, args.set)
     run_dir = write_run_record(cfg, args.config)
-    print(f"[launch] run dir {run_dir}", flush=True)
-    preemption.clear(run_dir)
+    remote = storage.is_remote(cfg.run.output_dir)
+    if remote:  # staged on this machine, durable in the bucket (pipeline/run_mirror.py)
+        from pipeline import run_mirror
+
+        run_mirror.upload_run_record(cfg)
+        print(f"[launch] run dir {cfg.run_url} (staged in {run_dir})", flush=True)
+    else:
+        print(f"[launch] run dir {run_dir}", flush=True)
+    preemption.clear(run_dir, cfg)
     if args.no_ray:
         from pipeline.trainer import run_worker
 
-        with preemption.DriverHandler(run_dir, cfg.checkpoint.preempt_grace_s):
+        with preemption.DriverHandler(run_dir, cfg.checkpoint.preempt_grace_s, preemption.request_url(cfg)):
             final = run_worker(cfg.to_dict())
     else:
         final = run_on_ray(cfg, args.address or os.environ.get("RAY_ADDRESS"))
         if final is None:
             return 1
-    stopped = preemption.was_preempted(run_dir)
+    stopped = preemption.was_preempted(run_dir, cfg)
     if stopped:
         print(f"[launch] preempted at step {stopped['step']}: complete checkpoint {stopped['checkpoint']}; "
               f"run the same command again to resume at the next sample", flush=True)
         return preemption.EXIT_PREEMPTED
-    print_summary(final, run_dir)
+    print_summary(final, cfg.run_url if remote else run_dir)
     return 0
 
 
@@ -88,22 +94,26 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name="ray_train",
-            storage_path=cfg.ray.storage_path or str(cfg.run_dir),
+            # Beside the run directory, in its bucket for a bucket run: a path local to the driver's machine
+            # would not exist on the others when nothing is shared.
+            storage_path=cfg.ray.storage_path or cfg.run_url,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # one line per report is noise
-            # Ray Train's print patch sends each print to its logger and stdout: lines appear twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # Ray Train's print patch sends each print to its logger and stdout: lines appear twice. Workers on
+            # other machines reach the driver's buckets with its endpoint and credentials (storage.credential_env).
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **storage.credential_env()}},
         ),
     )
     try:
-        with preemption.DriverHandler(cfg.run_dir, cfg.checkpoint.preempt_grace_s):
+        with preemption.DriverHandler(cfg.run_dir, cfg.checkpoint.preempt_grace_s, preemption.request_url(cfg)):
             trainer.fit()
     except Exception as err:  # Ray wraps the worker's exception; its last line says what went wrong
         message = str(err).strip().splitlines()
         print(f"error: training failed: {message[-1] if message else type(err).__name__}", file=sys.stderr)
         return None
-    final_path = cfg.run_dir / "final_metrics.json"
-    return json.loads(final_path.read_text()) if final_path.is_file() else {}
+    from pipeline import run_mirror
+
+    return run_mirror.read_run_json(cfg, "final_metrics.json") or {}
 
 
 def start_private_ray(num_cpus: int, **init_kwargs) -> None:

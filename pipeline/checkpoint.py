@@ -126,9 +126,8 @@ def load(engine, ckpt_dir: Path) -> dict:
 def apply_retention(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete old complete checkpoints; the newest complete one always survives. Returns deleted dirs."""
     complete = list_complete(run_dir)
-    keep = set(complete[-max(keep_last, 1):])
-    if keep_every > 0:
-        keep |= {p for p in complete if int(_STEP_DIR.match(p.name).group(1)) % keep_every == 0}
+    kept_steps = retained_steps([int(_STEP_DIR.match(p.name).group(1)) for p in complete], keep_last, keep_every)
+    keep = {p for p in complete if int(_STEP_DIR.match(p.name).group(1)) in kept_steps}
     deleted = []
     for path in complete:
         if path not in keep:
@@ -138,6 +137,16 @@ def apply_retention(run_dir: Path, keep_last: int, keep_every: int) -> list[Path
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """Which of these complete checkpoints retention keeps: the newest keep_last (at least one) and every
+    multiple of keep_every. One rule for run directories on disk and in a bucket (pipeline.run_mirror)."""
+    ordered = sorted(steps)
+    keep = set(ordered[-max(keep_last, 1):])
+    if keep_every > 0:
+        keep |= {step for step in ordered if step % keep_every == 0}
+    return keep
 
 
 def load_consolidated(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -191,7 +200,14 @@ def verify_files(ckpt_dir: Path, meta: dict) -> None:
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from an untrusted file, without executing pickled code."""
+    """A state dict from an untrusted file (local, or s3:// / gs:// / https:// copied to a local cache first),
+    without executing pickled code."""
+    from pipeline import storage
+
+    if storage.is_remote(path):
+        from pipeline.remote_refs import localize
+
+        path = localize(str(path))
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such weights file")

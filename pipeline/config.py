@@ -32,7 +32,9 @@ class RunSection:
     name: str = "run"
     """Run name; the run directory is <output_dir>/<name>. Relaunching a name resumes it."""
     output_dir: str = "runs"
-    """Folder that holds run directories (shared storage for multi-node runs)."""
+    """Folder that holds run directories: a local or shared path, or a bucket (s3://, gs://), which every
+    process writes through a local staging folder (pipeline/run_mirror.py); multi-node runs need one of the
+    two shared kinds."""
     seed: int = 0
     """Seed for model init, augmentation and shard order."""
     log_every_steps: int = 10
@@ -223,7 +225,7 @@ class RaySection:
     """Worker-group restarts from the latest checkpoint (Ray Train FailureConfig)."""
     storage_path: Optional[str] = None
     """Where Ray Train keeps its own run state (a local path, or s3:// / gs:// through pyarrow); defaults to
-    the run directory. Checkpoints and metrics always go to run.output_dir (a shared POSIX filesystem)."""
+    the run directory (in the bucket for a run in one). Checkpoints and metrics always go to run.output_dir."""
     torch_threads_per_worker: Optional[int] = None
     """Intra-op threads per rank; defaults to cpus_per_worker."""
     cudnn_benchmark: bool = True
@@ -309,7 +311,22 @@ class Config:
         return dataclasses.asdict(self)
 
     @property
+    def run_url(self) -> str:
+        """Where the run directory lives: <output_dir>/<name>, a local path or an s3:// / gs:// URL."""
+        from pipeline import storage
+
+        return storage.join(self.run.output_dir, self.run.name)
+
+    @property
     def run_dir(self) -> Path:
+        """Where this process reads and writes the run directory: the directory itself, or for a run in a
+        bucket its local staging folder, which pipeline.run_mirror mirrors to run_url."""
+        from pipeline import storage
+
+        if storage.is_remote(self.run.output_dir):
+            from pipeline.run_mirror import staging_dir
+
+            return staging_dir(self.run_url)
         return Path(self.run.output_dir) / self.run.name
 
 
@@ -449,6 +466,8 @@ def validate(cfg: Config) -> None:
     check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
     check(cfg.ray.max_failures >= 0, "ray.max_failures", "must be >= 0")
     check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    check(not cfg.run.output_dir.lower().startswith(("http://", "https://")), "run.output_dir",
+          "http(s) locations are read-only: use a local path, s3:// or gs://")
     check(cfg.checkpoint.preempt_grace_s > 0, "checkpoint.preempt_grace_s", "must be > 0")
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the newest is always kept)")
     check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")

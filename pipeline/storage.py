@@ -23,6 +23,14 @@ CREDENTIAL_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_K
                         "GOOGLE_APPLICATION_CREDENTIALS")
 
 
+CACHE_VARIABLE = "RESCLIP_CACHE"  # local copies of remote things: staging folders of bucket runs, references
+
+
+def cache_root() -> Path:
+    """Where local copies of remote locations live ($RESCLIP_CACHE, else ~/.cache/resclip)."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "resclip")
+
+
 class StorageError(ValueError):
     """A location that cannot be reached or read: printed as one line naming the URL."""
 

@@ -26,7 +26,8 @@ from pipeline.data.stream import Position, seed_sample_rng
 from pipeline.engine import deepspeed_config, initialize
 from pipeline.metrics import MetricsLogger
 from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.preemption import PREEMPTED_RECORD, Preemption
+from pipeline.preemption import PREEMPTED_RECORD, Preemption, request_url
+from pipeline.run_mirror import RunMirror, run_file_exists, shown, write_run_file
 from pipeline.tasks import task_class, task_key
 from pipeline.tasks.base import Task, all_reduce_sum
 
@@ -125,20 +126,22 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
     engine = initialize(model, optimizer, scheduler, ds_config)
     ema = _build_ema(engine.module, cfg.optim.ema_decay)
 
-    start_step, position = _maybe_resume(cfg, engine, ema, rank, plan)
+    mirror = RunMirror(cfg, rank, world_size, local_rank)  # a run in a bucket: staged here, mirrored there
+    start_step, position = _maybe_resume(cfg, engine, ema, rank, plan, mirror)
     logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, total_steps=plan.total_steps)
     if rank == 0:
         print(f"[pretrain] {world_size} rank(s) on {device.type}, {plan.steps_per_epoch} steps/epoch, "
               f"{plan.total_steps} steps, global batch {plan.samples_per_step}, starting at step {start_step}",
               flush=True)
     loop = _Loop(cfg, plan, task, engine, ema, rank, world_size, logger, report)
-    loop.position = position
-    loop.preemption = Preemption(cfg.run_dir, rank, world_size)
+    loop.position, loop.mirror = position, mirror
+    loop.preemption = Preemption(cfg.run_dir, rank, world_size, request_url(cfg))
     try:
         final = loop.run(task.train_batches(rank, world_size, position), start_step)
     finally:
         loop.preemption.close()
         logger.close()
+    mirror.finish()  # the last checkpoint complete in the bucket, metrics and TensorBoard events beside it
     return final if final.get("preempted") else {"step": plan.total_steps, **final}
 
 
@@ -150,9 +153,9 @@ def _build_ema(module: torch.nn.Module, decay: float | None):
     return ModelEmaV3(module, decay=decay)
 
 
-def _maybe_resume(cfg: Config, engine, ema, rank: int, plan: Plan) -> tuple[int, Position]:
+def _maybe_resume(cfg: Config, engine, ema, rank: int, plan: Plan, mirror: RunMirror) -> tuple[int, Position]:
     """(step, data position) to continue from: the latest complete checkpoint's, or the start."""
-    ckpt_dir = checkpoint.find_latest_complete(cfg.run_dir) if cfg.checkpoint.resume else None
+    ckpt_dir = mirror.resume_point() if cfg.checkpoint.resume else None
     if ckpt_dir is None:
         return 0, Position()
     client_state = checkpoint.load(engine, ckpt_dir)
@@ -163,7 +166,7 @@ def _maybe_resume(cfg: Config, engine, ema, rank: int, plan: Plan) -> tuple[int,
     # Without a saved position (a stream that cannot tell), restart the epoch the step falls in.
     position = Position(**saved) if saved else Position(epoch=step // plan.steps_per_epoch)
     if rank == 0:
-        print(f"[pretrain] resumed from {ckpt_dir} at step {step}, data {position}", flush=True)
+        print(f"[pretrain] resumed from {shown(cfg, ckpt_dir)} at step {step}, data {position}", flush=True)
     return step, position
 
 
@@ -176,6 +179,7 @@ class _Loop:
         self.rank, self.world_size, self.logger, self.report = rank, world_size, logger, report
         self.position: Position | None = Position()
         self.preemption: Preemption | None = None
+        self.mirror: RunMirror | None = None
 
     def run(self, batches, start_step: int) -> dict:
         cfg, plan = self.cfg, self.plan
@@ -209,10 +213,10 @@ class _Loop:
 
     def _stop_preempted(self, step: int, metrics: dict) -> dict:
         """Every rank is here at the same step: checkpoint it (unless this step just did) and stop."""
-        path = checkpoint.checkpoints_root(self.cfg.run_dir) / checkpoint.step_tag(step)
+        path = shown(self.cfg, checkpoint.checkpoints_root(self.cfg.run_dir) / checkpoint.step_tag(step))
         if "checkpoint" not in metrics:
             self.save(step)
-        outcome = {"step": step, "preempted": True, "checkpoint": str(path)}
+        outcome = {"step": step, "preempted": True, "checkpoint": path}
         if self.report is not None:
             self.report(outcome)
         if self.rank == 0:
@@ -231,9 +235,11 @@ class _Loop:
             metrics.update(self.validate())
         if metrics:
             self.logger.log(step, metrics)
+            if self.mirror is not None:
+                self.mirror.maybe_sync_run_files()
         if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or last:
             self.save(step)
-            metrics["checkpoint"] = str(checkpoint.checkpoints_root(cfg.run_dir) / checkpoint.step_tag(step))
+            metrics["checkpoint"] = shown(cfg, checkpoint.checkpoints_root(cfg.run_dir) / checkpoint.step_tag(step))
         if metrics and self.report is not None:
             self.report({"step": step, **metrics})  # every rank reports: Ray Train v2 syncs on it
         if last and self.rank == 0:
@@ -253,8 +259,12 @@ class _Loop:
         if self.task.class_names:  # what output i means: evaluation compares class lists by name
             meta["class_names"] = list(self.task.class_names)
         after_shards = self._maybe_inject_failure if cfg.run.inject_failure_in_checkpoint else None
-        checkpoint.save(self.engine, cfg.run_dir, step, meta, client_state, is_rank0=self.rank == 0,
-                        after_shards=after_shards)
+        if self.mirror is not None:  # the previous checkpoint's uploads end here at the latest
+            self.mirror.before_save(step)
+        ckpt_dir = checkpoint.save(self.engine, cfg.run_dir, step, meta, client_state, is_rank0=self.rank == 0,
+                                   after_shards=after_shards)
+        if self.mirror is not None:
+            self.mirror.after_save(ckpt_dir, meta)
         if self.rank == 0:
             checkpoint.apply_retention(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
 
@@ -263,9 +273,9 @@ class _Loop:
         if step != self.cfg.run.inject_failure_at_step or self.rank != self.world_size - 1:
             return
         marker = self.cfg.run_dir / f".injected_failure_{step}"
-        if marker.exists():
+        if marker.exists() or run_file_exists(self.cfg, marker.name):
             return
-        marker.write_text("the fault drill killed this rank here once\n")
+        write_run_file(self.cfg, marker.name, "the fault drill killed this rank here once\n")
         print(f"[pretrain] fault drill: rank {self.rank} exits at step {step}", flush=True)
         os._exit(17)
 

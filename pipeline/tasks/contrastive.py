@@ -8,10 +8,10 @@ optimizer step, not the negatives each sample sees (see pipeline.tasks.contrasti
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
+from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.data.image_text import image_text_loader
 from pipeline.data.shards import resolve_shards
@@ -40,8 +40,8 @@ class ContrastiveTask(Task):
             check_clip_name(cfg.model.name)
         except ValueError as err:
             raise ConfigError("model.name", str(err).removeprefix("model.name: ")) from None
-        if cfg.model.pretrained_path and not os.path.isfile(cfg.model.pretrained_path):
-            raise ConfigError("model.pretrained_path", f"{cfg.model.pretrained_path}: no such weights file")
+        if cfg.model.pretrained_path:
+            check_weights_file(cfg.model.pretrained_path)
         try:
             zeroshot_sets(cfg.eval.zeroshot, check=True)
         except ValueError as err:
@@ -73,3 +73,14 @@ class ContrastiveTask(Task):
             module, self.tokenizer, cfg.data, cfg.eval, cfg.contrastive, self.val_sources, self.device,
             self.autocast, rank, world_size, seed=cfg.run.seed,
         )
+
+
+def check_weights_file(path: str) -> None:
+    """model.pretrained_path names a file (local or in a bucket): one line naming the key when it does not."""
+    try:
+        storage.check_reachable(path, "model.pretrained_path")
+        found = storage.is_file(path)
+    except storage.StorageError as err:
+        raise ConfigError("model.pretrained_path", str(err).removeprefix("model.pretrained_path: ")) from None
+    if not found:
+        raise ConfigError("model.pretrained_path", f"{path}: no such weights file")

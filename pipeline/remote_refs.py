@@ -1,0 +1,75 @@
+"""Checkpoints, run directories and weights files in a bucket, as local copies the usual code reads.
+
+`launch eval`, `launch export`, `launch report`, `distill.teacher` and `model.pretrained_path` take s3:// and
+gs:// references (https:// for weights files): the reference is copied to $RESCLIP_CACHE/refs/<hash of the
+URL>/ (reused while the bucket's objects keep their ETags) and the copy goes down the local code path, so a
+remote checkpoint is loaded exactly as safely (weights-only) as a local one.
+"""
+from __future__ import annotations
+
+import posixpath
+import shutil
+from pathlib import Path
+
+from pipeline import checkpoint, storage
+from pipeline.run_mirror import FETCH_RECORD, describe, fetch_folder, fetch_latest, fresh_fs, listing, url_digest
+
+
+def localize(url: str) -> Path:
+    """A local copy of a remote checkpoint folder, run directory (its record and newest complete checkpoint) or
+    weights file. ValueError (one line) when there is nothing of the kind there or the bucket cannot be read."""
+    return _localized(url, with_checkpoint=True)
+
+
+def localize_run_record(url: str) -> Path:
+    """A local copy of a remote run directory's record (metrics.jsonl, configs, final metrics, eval/ results),
+    without its checkpoints: what `launch report` reads."""
+    return _localized(url, with_checkpoint=False)
+
+
+def _localized(url: str, with_checkpoint: bool) -> Path:
+    base = storage.cache_root() / "refs" / url_digest(url)
+    name = posixpath.basename(url.rstrip("/"))
+    try:
+        if storage.scheme(url) in ("http", "https"):  # no listings: a weights file
+            return _fetch_file(url, base / name)
+        files = listing(url)
+        if not files:
+            fs, inner = fresh_fs(url)
+            if fs.isfile(inner):
+                return _fetch_file(url, base / name)
+            raise ValueError(f"{url}: no such checkpoint, run directory or weights file")
+        if checkpoint.META_FILE in files:
+            top = {n: info for n, info in files.items() if "/" not in n}
+            return fetch_folder(url, top, base / name)
+        if any(n.startswith("checkpoints/") for n in files) or "metrics.jsonl" in files:
+            return _fetch_run(url, files, base / name, with_checkpoint)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - botocore/aiohttp/gcsfs raise many types: one line whatever it is
+        raise storage.StorageError(f"{url}: cannot read it ({describe(err)}); check the bucket name, "
+                                   "AWS_ENDPOINT_URL and the credentials") from None
+    raise ValueError(f"{url}: not a run directory (no checkpoints/) nor a checkpoint (no meta.json)")
+
+
+def _fetch_run(url: str, files: dict[str, dict], local: Path, with_checkpoint: bool) -> Path:
+    """A run directory's record (top-level files, eval/ results) and, if asked, its newest complete checkpoint."""
+    record = {n: info for n, info in files.items() if "/" not in n or n.startswith("eval/")}
+    fetch_folder(url, record, local / ".record")
+    for path in (local / ".record").rglob("*"):
+        if path.is_file() and path.name != FETCH_RECORD:
+            target = local / path.relative_to(local / ".record")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    if with_checkpoint:
+        checkpoint.checkpoints_root(local).mkdir(parents=True, exist_ok=True)
+        fetch_latest(url, local)
+    return local
+
+
+def _fetch_file(url: str, target: Path) -> Path:
+    """A remote file at `target` (kept when its record says it is this object already)."""
+    fs, inner = fresh_fs(url)
+    info = fs.info(inner)
+    fetch_folder(posixpath.dirname(url), {posixpath.basename(inner): info}, target.parent)
+    return target
