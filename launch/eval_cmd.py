@@ -107,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve(args.checkpoint, args.model)
     result = evaluate(args.eval_task, resolved, Path(args.data), options)
     print_notes(result)
-    if args.output:
+    if args.output and storage.is_remote(args.output):  # e.g. RUN_URL/eval/NAME.json, which `launch report` reads
+        storage.write_text(args.output, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    elif args.output:
         write_result(result, Path(args.output))
     print(json.dumps(result, indent=2, allow_nan=False))
     return 0

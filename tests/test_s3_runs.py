@@ -210,9 +210,11 @@ def test_eval_export_and_report_read_the_bucket(resumed_run, digits_root, tmp_pa
     monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))
     run_url, out = resumed_run["run_url"], resumed_run["out"]
     data = ["--data", f"{digits_root}/labelled", "--split", "val", "--workers", "0"]
-    assert main(["eval", "classify", "--checkpoint", run_url, *data]) == 0
+    result_url = f"{run_url}/eval/digits_classify.json"
+    assert main(["eval", "classify", "--checkpoint", run_url, *data, "--output", result_url]) == 0
     by_run = json.loads(capsys.readouterr().out)
     assert by_run["checkpoint_step"] == 24 and by_run["metrics"]["num_samples"] == 360
+    assert json.loads(storage.read_text(result_url)) == by_run
 
     ckpt = f"{run_url}/checkpoints/step_00000016"
     export_url = f"{resumed_run['out'].rsplit('/', 1)[0]}/exports/tiny.safetensors"
@@ -225,7 +227,7 @@ def test_eval_export_and_report_read_the_bucket(resumed_run, digits_root, tmp_pa
 
     assert main(["report", run_url]) == 0
     assert f"{run_url}/report/report.html" in capsys.readouterr().out
-    assert storage.exists(f"{run_url}/report/report.md")
+    assert "classify" in storage.read_text(f"{run_url}/report/report.md")  # the eval result in the bucket, too
 
     assert main(["eval", "classify", "--checkpoint", f"{out}/no_such_run", *data]) == 2
     assert "no such checkpoint, run directory or weights file" in capsys.readouterr().err
