@@ -55,14 +55,15 @@ def check_resume(cfg: Config, source: str) -> None:
     latest, meta, changes = found
     refused = [key for key in changes if key not in RESUMABLE_KEYS]
     if refused:
-        raise ConfigError("run.name", f"{cfg.run.name} would resume from {latest}, written with another config: "
+        raise ConfigError("run.name", f"{cfg.run.name} would resume from {_shown(cfg, latest)}, written with "
+                          f"another config: "
                           f"{_listed(changes, refused)}; these keys cannot change mid-run (README, 'Run "
                           "directory', lists those that can): use a new run.name, or checkpoint.resume: false "
                           "to start this run over", source)
     if cfg.model.kind == "classifier":
         _check_resumed_class_names(cfg, latest, meta, source)
     if changes:
-        print(f"[launch] resuming {cfg.run_dir} from {latest.name} with changed settings: "
+        print(f"[launch] resuming {cfg.run_url} from {latest.name} with changed settings: "
               f"{_listed(changes, list(changes))} (its config is kept as {_archived_config(latest).name})",
               flush=True)
 
@@ -80,9 +81,17 @@ def _check_resumed_class_names(cfg: Config, latest: Path, meta: dict, source: st
         at = next(i for i in range(max(len(current), len(recorded)))
                   if i >= min(len(current), len(recorded)) or current[i] != recorded[i])
         now, then = (names[at] if at < len(names) else _ABSENT for names in (current, recorded))
-        raise ConfigError("data.train", f"its manifest's class names differ from those {latest} was trained on "
+        raise ConfigError("data.train", f"its manifest's class names differ from those {_shown(cfg, latest)} was "
+                          "trained on "
                           f"(output {at}: {now!r} now, {then!r} then): resuming would change what the model's "
                           "outputs mean; use a new run.name", source)
+
+
+def _shown(cfg: Config, ckpt: Path) -> str:
+    """A checkpoint as people know it: its URL for a run in a bucket (not the local staging copy)."""
+    from pipeline.run_mirror import shown
+
+    return shown(cfg, ckpt)
 
 
 def _normalized(raw: dict) -> dict:
