@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -85,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = sub.add_parser("labelled", help="ImageFolder tree or path/label table to labelled shards")
     _add_labelled_args(lab)
-    lab.add_argument("--val-fraction", type=float, default=0.0, help="held-out share written to val/")
+    lab.add_argument("--val-fraction", type=float, default=0.0, help="held-out share written to val/: exactly round(N x F) of the N rows, "
+                          "chosen by a seeded hash of each path (independent of row order)")
     lab.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     _add_shuffle_args(lab)
     lab.set_defaults(handler=_run_labelled)
@@ -136,7 +139,8 @@ def _job_options(args: argparse.Namespace):  # -> JobOptions (imported lazily: k
 
     shuffle_seed = None if getattr(args, "no_shuffle", True) else args.shuffle_seed
     return JobOptions(args.shard_size, args.workers, args.address, args.threads, args.dedup,
-                      args.retry_failed, not args.no_progress, shuffle_seed)
+                      args.retry_failed, not args.no_progress, shuffle_seed,
+                      publish=getattr(args, "bucket_output", None))
 
 
 def _image_text_request(args: argparse.Namespace):
@@ -234,16 +238,77 @@ def _summarise(folder: Path, report) -> int:
     return 0
 
 
+def check_output_folder(output: Path | str) -> None:
+    """Stop before any work when --output cannot become a folder we write into: it is a file, it
+    lies under a file, or its nearest existing folder refuses a new file. Bucket URLs are checked
+    by their writer."""
+    if "://" in str(output) or str(output).startswith("s3:/"):
+        return
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {path}: is a file, not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output {path}: {existing} is a file, so no folder can be made under it")
+    try:  # a real probe: access() says yes to root, and /proc refuses files whatever its mode
+        with tempfile.TemporaryFile(dir=existing, prefix=".data-prep-probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--output {path}: {existing} is not writable ({exc.strerror})") from None
+
+
+def _stage_bucket_output(args: argparse.Namespace):
+    """--output s3://...: check the bucket takes writes, then point --output at its staging folder
+    (data_prep/bucket.py); None for a local --output."""
+    raw = getattr(args, "output", None)
+    if raw is None or args.handler is _run_sample_digits:
+        return None
+    # argparse made a Path of it, which folds 's3://' into 's3:/'.
+    url = str(raw).replace(":/", "://", 1) if ":/" in str(raw) and "://" not in str(raw) else str(raw)
+    from pipeline import storage
+
+    if not storage.is_remote(url):
+        return None
+    from data_prep.bucket import BucketOutput
+
+    storage.check_reachable(url, "--output", writable=True)  # StorageError: one line
+    bucket = BucketOutput.for_url(url)
+    bucket.pull(with_tars=bool(getattr(args, "retry_failed", False)))
+    args.output, args.bucket_output = Path(bucket.staging), bucket
+    return bucket
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Before anything imports Ray: an embedded single-machine Ray stays on 127.0.0.1.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        bucket = _stage_bucket_output(args)
+        if getattr(args, "output", None) is not None:
+            check_output_folder(args.output)
+        code = int(args.handler(args))
+        if bucket is not None:
+            bucket.push_rest()  # metadata, every manifest.json last
+            print(f"uploaded to {bucket.url}")
+        return code
     except ValueError as exc:
         # User mistakes (bad paths, wrong columns, unreadable tables) end in one clear line.
         print(f"data-prep: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The disk or a folder failed us mid-job (full, removed, permissions changed): one line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"data-prep: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Finished shards are complete on disk (tar and stats renamed into place); the job file
+        # makes the same command skip them. A second Ctrl-C while we exit is ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("data-prep: interrupted; finished shards are kept: run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

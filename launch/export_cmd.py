@@ -5,14 +5,22 @@
            open_clip.create_model_and_transforms(NAME, pretrained="out/smoke.safetensors")
     launch export --checkpoint runs/rn50 --format timm --output out/rn50.pth
         -> timm.create_model("resnet50", checkpoint_path="out/rn50.pth", num_classes=N)
+           (our resnet_tiny / resnet_nano: `import pipeline.models` first, which registers them with timm)
     launch export --checkpoint runs/smoke_resnet --format safetensors --output out/nano.safetensors
-        -> weights + architecture metadata; `launch eval ... --checkpoint out/nano.safetensors` needs no --model
+        -> weights + architecture metadata
+
+Every export records its architecture, run config and step, so `launch eval ... --checkpoint FILE` reads
+it back (no --model needed) and scores it exactly as the source checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import posixpath
+import tempfile
 from pathlib import Path
+
+from pipeline import storage
 
 EXPORT_FORMATS = ("open_clip", "safetensors", "timm")  # pipeline.evaluation.export.EXPORTERS, imported lazily
 
@@ -35,7 +43,16 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluation.resolver import resolve
 
     resolved = resolve(args.checkpoint, args.model)
-    written = export(resolved, args.export_format, Path(args.output))
+    if storage.is_remote(args.output):  # written here, then each file uploaded beside the named one
+        with tempfile.TemporaryDirectory(prefix="export_") as folder:
+            written = export(resolved, args.export_format, Path(folder) / posixpath.basename(args.output))
+            target = posixpath.dirname(args.output)
+            files = []
+            for path in written:
+                files.append(storage.join(target, path.name))
+                storage.upload(path, files[-1])
+    else:
+        files = [str(p) for p in export(resolved, args.export_format, Path(args.output))]
     print(json.dumps({"model": resolved.model_name, "library": resolved.library, "step": resolved.step,
-                      "content_sha256": resolved.content_sha256, "files": [str(p) for p in written]}, indent=2))
+                      "content_sha256": resolved.content_sha256, "files": files}, indent=2))
     return 0

@@ -13,6 +13,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from launch.resume import check_resume, keep_earlier_config
+from pipeline import storage
 from pipeline.config import Config, ConfigError, dump_yaml, zeroshot_entry
 from pipeline.data.shards import resolve_shards
 
@@ -46,9 +48,10 @@ def absolute_paths(cfg: Config) -> Config:
         return "::".join(parts)
 
     data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), val=absolute(cfg.data.val) if cfg.data.val else "")
-    run = dataclasses.replace(cfg.run, output_dir=str(Path(cfg.run.output_dir).resolve()))
+    output_dir = cfg.run.output_dir if "://" in cfg.run.output_dir else str(Path(cfg.run.output_dir).resolve())
+    run = dataclasses.replace(cfg.run, output_dir=output_dir)
     model = cfg.model
-    if model.pretrained_path:
+    if model.pretrained_path and "://" not in model.pretrained_path:
         model = dataclasses.replace(model, pretrained_path=str(Path(model.pretrained_path).resolve()))
     zeroshot = tuple(f"{name}={Path(path).resolve()}" for name, path in map(zeroshot_entry, cfg.eval.zeroshot))
     evaluation = dataclasses.replace(cfg.eval, zeroshot=zeroshot)
@@ -65,6 +68,12 @@ def preflight(cfg: Config, source: str) -> None:
     from pipeline.tasks import task_class, task_key
     from pipeline.trainer import make_plan
 
+    for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        for part in (p.strip() for p in (spec or "").split("::")):
+            try:  # a missing bucket, bad credentials or a dead endpoint: one line, in seconds
+                storage.check_reachable(part, key)
+            except storage.StorageError as err:
+                raise ConfigError(key, str(err).removeprefix(f"{key}: "), source) from None
     try:
         shards = resolve_shards(cfg.data.train)
     except ValueError as err:
@@ -75,7 +84,7 @@ def preflight(cfg: Config, source: str) -> None:
         except ValueError as err:
             raise ConfigError("data.val", str(err), source) from None
     try:
-        task_class(task_key(cfg)).check(cfg)
+        notes = task_class(task_key(cfg)).check(cfg) or []
     except ConfigError as err:
         raise err.with_source(source) from None
     except ValueError as err:  # no task registered for this kind (or distilling it)
@@ -90,20 +99,33 @@ def preflight(cfg: Config, source: str) -> None:
     warning = shuffle_warning(cfg)
     if warning:
         print(f"[launch] warning: {warning}", flush=True)
-    output = Path(cfg.run.output_dir)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError("run.output_dir", f"{output} is not writable ({err.strerror})", source) from None
+    if storage.is_remote(cfg.run.output_dir):
+        try:  # a missing bucket, wrong credentials or a dead endpoint: one line, before any worker starts
+            storage.check_reachable(cfg.run.output_dir, "run.output_dir", writable=True)
+        except storage.StorageError as err:
+            raise ConfigError("run.output_dir", str(err).removeprefix("run.output_dir: "), source) from None
+        from pipeline.run_mirror import sync_down
+
+        sync_down(cfg)  # staging: the bucket's run record and newest complete checkpoint (the resume checks')
+    else:
+        output = Path(cfg.run.output_dir)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            probe = output / ".write_probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError("run.output_dir", f"{output} is not writable ({err.strerror})", source) from None
+    for note in notes:
+        print(f"[launch] {note}", flush=True)
+    check_resume(cfg, source)
 
 
 def write_run_record(cfg: Config, source: str) -> Path:
     """Resolved config, library versions and git revision: what reproduces this run."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep_earlier_config(cfg)
     (run_dir / "config.yaml").write_text(f"# resolved from {source}\n" + dump_yaml(cfg))
     versions = {"python": platform.python_version()}
     for package in ("torch", "torchvision", "deepspeed", "ray", "timm", "open_clip_torch", "webdataset", "pyarrow"):
@@ -151,7 +173,7 @@ def shuffle_warning(cfg: Config) -> str | None:
     from pipeline.data.shards import read_manifest
     from pipeline.data.stream import mixing_shortfall
 
-    manifests = [read_manifest(p) if os.path.isdir(p) else None
+    manifests = [read_manifest(p)
                  for p in (part.strip() for part in cfg.data.train.split("::")) if p]
     if manifests and all(m and m.get("options", {}).get("shuffle_seed") is not None for m in manifests):
         return None

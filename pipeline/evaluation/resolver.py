@@ -3,7 +3,9 @@
 A REF is one of
   * a run directory (RUN/checkpoints/step_*/ ...): its latest complete checkpoint;
   * one of our checkpoint directories (DeepSpeed shards of any ZeRO stage + meta.json);
-  * a safetensors file we exported (its metadata names the architecture: no --model needed);
+  * a file we exported (.safetensors metadata, or the `metadata` entry of a .pt/.pth/.bin, names the
+    architecture and the run's config: no --model needed, and a --model naming the same architecture
+    evaluates it exactly as its source checkpoint, with the training run's eval transform);
   * an open_clip weights file (.bin/.pt/.pth/.safetensors) with --model NAME;
   * a timm checkpoint with --model NAME.
 
@@ -28,7 +30,9 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 
-from pipeline.checkpoint import load_weights_file
+import pipeline.models.residual  # noqa: F401  registers resnet_tiny / resnet_nano with timm (--model resnet_tiny)
+from pipeline.checkpoint import load_weights_file, safe_torch_load
+from pipeline.models.clip import register_tiny_configs, weights_loaded_after
 
 Transform = Callable
 # safetensors metadata keys our exports write (see pipeline.evaluation.export).
@@ -102,8 +106,13 @@ def register_open_clip_config(name: str, config: dict) -> None:
 
 def library_for(name: str, beside: Path | None = None) -> tuple[str, str]:
     """(library, model name) for a --model value; ValueError lists what would have been accepted."""
+    register_tiny_configs()  # clip-tiny-rn / clip-tiny-vit; resnet_tiny / resnet_nano are registered by the import
     prefix, _, bare = name.partition(":")
     if bare and prefix in _LIBRARIES:
+        known = bare in open_clip.list_models() if prefix == "open_clip" else timm.is_model(bare)
+        if not known:
+            example = "ViT-B-32" if prefix == "open_clip" else "resnet50"
+            raise ValueError(f"--model {name}: {prefix} has no architecture {bare!r} (e.g. {prefix}:{example})")
         return prefix, bare
     if name.endswith(".json"):
         path = Path(name)
@@ -154,7 +163,8 @@ def _adapt_open_clip_state(model: torch.nn.Module, state: dict[str, torch.Tensor
 
 
 def _open_clip_model(name: str, state: dict[str, torch.Tensor], what: str) -> dict:
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    with weights_loaded_after():
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     _load_strict(model, _adapt_open_clip_state(model, state), what, name)
     return {"model": model, "kind": "clip", "preprocess": preprocess, "tokenizer": open_clip.get_tokenizer(name),
             "model_config": open_clip.get_model_config(name)}
@@ -250,16 +260,29 @@ def _finish(built: dict, name: str, step: int | None, source: str, path: Path) -
 
 
 def _export_metadata(path: Path) -> dict[str, str]:
+    """What our exports record about the weights (pipeline.evaluation.export._metadata); {} otherwise."""
     if path.suffix != ".safetensors":
-        return {}
+        blob = safe_torch_load(path, mmap=True)  # mmap: the tensors are read once, by load_weights_file
+        meta = blob.get("metadata") if isinstance(blob, dict) else None
+        return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
 
+def _names_the_export(model_name: str, meta: dict[str, str]) -> bool:
+    """--model names the architecture the export records (bare or as 'library:NAME')."""
+    prefix, _, bare = model_name.partition(":")
+    if bare and prefix in _LIBRARIES:
+        return prefix == meta.get(META_LIBRARY) and bare == meta.get(META_MODEL)
+    return model_name == meta.get(META_MODEL)
+
+
 def _resolve_file(path: Path, model_name: str | None) -> ResolvedModel:
     meta = _export_metadata(path)
+    if model_name is not None and _names_the_export(model_name, meta):
+        model_name = None  # the export's own record says more than the name: the run's config and step
     if model_name is None and META_RUN_CONFIG in meta:
         built = _build_ours(json.loads(meta[META_RUN_CONFIG]), load_weights_file(path), path)
         step = int(meta[META_STEP]) if meta.get(META_STEP) else None
@@ -283,6 +306,12 @@ def _resolve_file(path: Path, model_name: str | None) -> ResolvedModel:
 
 def resolve(ref: str, model_name: str | None = None) -> ResolvedModel:
     """Turn a checkpoint reference into a ready-to-evaluate model; ValueError for user mistakes."""
+    from pipeline import storage
+
+    if storage.is_remote(ref):  # s3:// / gs:// / https://: a local copy (cached), then the same code paths
+        from pipeline.remote_refs import localize
+
+        ref = str(localize(ref))
     path = Path(ref)
     if path.is_dir():
         if (path / "meta.json").is_file():

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.reporting.plots import Plot
-from pipeline.reporting.run_record import RunRecord, config_highlights, skipped_totals
+from pipeline.reporting.plots import Plot, is_count
+from pipeline.reporting.run_record import RunRecord, config_highlights, is_number, record_warnings, skipped_totals
 
 # Final-metrics rows shown first, in this order; every other key follows in file order.
 FINAL_KEYS_FIRST = ("step", "epoch", "loss", "lr", "samples_per_second", "data_wait_fraction",
@@ -63,6 +63,28 @@ def _final_table(final: dict) -> Table:
     return Table(("metric", "value"), [(key, format_value(final[key])) for key in keys])
 
 
+def _counts_table(rows: list[dict]) -> Table | None:
+    """The counts metrics.jsonl logs beside its metrics (samples scored and expected, classes ...), by step;
+    consecutive evaluations with the same counts share one row, so a change (a shortfall) stands out."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k, v in row.items() if is_count(k) and is_number(v) and k not in keys]
+    spans: list[list] = []  # [first step, last step, counts]
+    for row in rows:
+        counts = tuple(row[k] if is_number(row.get(k)) else None for k in keys)
+        if all(c is None for c in counts):
+            continue
+        if spans and spans[-1][2] == counts:
+            spans[-1][1] = row["step"]
+        else:
+            spans.append([row["step"], row["step"], counts])
+    if not spans:
+        return None
+    return Table(("steps", *keys), [(str(first) if first == last else f"{first}-{last}",
+                                     *("-" if c is None else format_value(c) for c in counts))
+                                    for first, last, counts in spans])
+
+
 def _eval_tables(results: list[dict]) -> list[Block]:
     blocks: list[Block] = []
     for task in sorted({str(r["task"]) for r in results}):
@@ -85,6 +107,8 @@ def _header_text(record: RunRecord) -> str:
         parts.append(f"logged {first['time_utc']} to {last['time_utc']}")
     if record.num_resumes:
         parts.append(f"resumed {record.num_resumes} time(s) (re-logged steps keep their latest row)")
+    if record.earlier_configs:
+        parts.append(f"settings changed on resume (earlier configs: {', '.join(record.earlier_configs)})")
     return "; ".join(parts) + "."
 
 
@@ -105,6 +129,12 @@ def build_blocks(record: RunRecord, plots: list[Plot]) -> list[Block]:
                Table(("setting", "value"), highlights) if highlights else Paragraph("No config.yaml in the run dir.")]
     source = "final_metrics.json" if (record.run_dir / "final_metrics.json").is_file() else "last metrics row"
     blocks += [Heading(f"Final metrics ({source})"), _final_table(record.final)]
+    warnings = record_warnings(record)
+    if warnings:
+        blocks += [Heading("Warnings"), Table(("where", "warning"), warnings)]
+    counts = _counts_table(record.rows)
+    if counts:  # counts are never plotted (pipeline.reporting.plots.is_count): here they are
+        blocks += [Heading("Sample and class counts (metrics.jsonl)"), counts]
     blocks += _eval_tables(record.eval_results)
     skipped = skipped_totals(record.rows)
     blocks += [Heading("Skipped training samples"),
