@@ -24,6 +24,7 @@ References to runs and files in buckets (`launch eval/export/report`, `distill.t
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import json
 import os
 import posixpath
@@ -303,11 +304,16 @@ class RunMirror:
         """Collective. The checkpoint to resume from, in this machine's staging folder."""
         if self.enabled:
             error = None
-            if self.local_rank == 0:
-                try:
+            # Every rank makes sure its machine's staging holds the checkpoint, one at a time per machine (a
+            # file lock): local ranks cannot tell machines apart when several share an IP address (Ray sees
+            # one node), and a second fetcher finds the first one's copy and downloads nothing.
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.run_dir / ".fetch.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
                     fetch_latest(self.url, self.run_dir)
-                except Exception as err:  # noqa: BLE001 - every rank raises together below
-                    error = err
+            except Exception as err:  # noqa: BLE001 - every rank raises together below
+                error = err
             self._raise_unless_all_ok(error, f"cannot download the latest checkpoint of {self.url}")
             if self.rank == 0:
                 self._fetch_run_files()
