@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from pipeline import checkpoint, storage
-from pipeline.run_mirror import FETCH_RECORD, describe, fetch_folder, fetch_latest, fresh_fs, listing, url_digest
+from pipeline.run_mirror import FETCH_RECORD, fetch_folder, fetch_latest, fresh_fs, listing, url_digest
 
 
 def localize(url: str) -> Path:
@@ -47,7 +47,7 @@ def _localized(url: str, with_checkpoint: bool) -> Path:
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - botocore/aiohttp/gcsfs raise many types: one line whatever it is
-        raise storage.StorageError(f"{url}: cannot read it ({describe(err)}); check the bucket name, "
+        raise storage.StorageError(f"{url}: cannot read it ({storage.describe(err)}); check the bucket name, "
                                    "AWS_ENDPOINT_URL and the credentials") from None
     raise ValueError(f"{url}: not a run directory (no checkpoints/) nor a checkpoint (no meta.json)")
 

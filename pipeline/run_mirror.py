@@ -466,11 +466,8 @@ class RunMirror:
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
                 ok = bool(flag.item())
         if error is not None:
-            raise storage.StorageError(f"{what}: {describe(error)}") from None
+            raise storage.StorageError(f"{what}: {storage.describe(error)}") from None
         if not ok:
             raise storage.StorageError(f"{what} on another rank (its log says why)")
 
 
-def describe(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -63,9 +63,10 @@ def credential_env() -> dict[str, str]:
     return {name: os.environ[name] for name in CREDENTIAL_VARIABLES if name in os.environ}
 
 
-def _describe(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+def describe(err: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def exists(path: str | Path) -> bool:
@@ -218,5 +219,5 @@ def check_reachable(url: str, key: str, writable: bool = False) -> None:
             fs.pipe_file(probe, b"")
             fs.rm(probe)
     except Exception as err:  # botocore/aiohttp/gcsfs raise many types: one line whatever it is
-        raise StorageError(f"{key}: cannot reach {url} ({_describe(err)}); check the bucket name, "
+        raise StorageError(f"{key}: cannot reach {url} ({describe(err)}); check the bucket name, "
                            f"AWS_ENDPOINT_URL and the credentials") from None

@@ -6,11 +6,10 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from launch import eval_cmd, export_cmd
 from launch.cli import main as launch_main
-from test_evaluation_helpers import labelled_samples, random_images, register_tiny_clip, tiny_clip, write_shards
+from test_evaluation_helpers import write_toy_zeroshot_set
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +24,7 @@ def launcher() -> argparse.ArgumentParser:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli")
-    name = register_tiny_clip(folder / "configs")
-    torch.save(tiny_clip(seed=2).state_dict(), folder / "tiny.pt")
-    data = folder / "wds_toy"
-    write_shards(data / "test", labelled_samples(random_images(6, seed=0), [0, 1, 2, 0, 1, 2]), per_shard=3)
-    (data / "classnames.txt").write_text("red\ngreen\nblue\n")
-    (data / "zeroshot_classification_templates.txt").write_text("a {c} image.\n")
-    return name, folder / "tiny.pt", data
+    return write_toy_zeroshot_set(tmp_path_factory.mktemp("cli"))
 
 
 def test_eval_zeroshot_writes_result(launcher, setup, tmp_path, capsys):

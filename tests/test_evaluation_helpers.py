@@ -64,6 +64,18 @@ def write_shards(folder: Path, samples: list[dict], per_shard: int) -> list[Path
     return paths
 
 
+def write_toy_zeroshot_set(folder: Path) -> tuple[str, Path, Path]:
+    """A registered tiny CLIP, its weights file and a 6-image, 3-class CLIP_benchmark-layout set under
+    `folder`: (model name, weights path, data folder)."""
+    name = register_tiny_clip(folder / "configs")
+    torch.save(tiny_clip(seed=2).state_dict(), folder / "tiny.pt")
+    data = folder / "wds_toy"
+    write_shards(data / "test", labelled_samples(random_images(6, seed=0), [0, 1, 2, 0, 1, 2]), per_shard=3)
+    (data / "classnames.txt").write_text("red\ngreen\nblue\n")
+    (data / "zeroshot_classification_templates.txt").write_text("a {c} image.\n")
+    return name, folder / "tiny.pt", data
+
+
 def labelled_samples(images: list[Image.Image], labels: list[int]) -> list[dict]:
     return [{"png": png_bytes(img), "cls": str(label).encode()} for img, label in zip(images, labels)]
 

@@ -157,18 +157,11 @@ def test_data_prep_to_a_bucket_and_rerun_after_a_kill(s3_bucket, tmp_path, monke
 
 
 def test_launch_eval_reads_a_set_from_a_bucket(s3_bucket, tmp_path, monkeypatch, capsys):
-    import torch
-
     from launch import eval_cmd
-    from test_evaluation_helpers import labelled_samples, random_images, register_tiny_clip, tiny_clip, write_shards
+    from test_evaluation_helpers import write_toy_zeroshot_set
 
     monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))
-    name = register_tiny_clip(tmp_path / "configs")
-    torch.save(tiny_clip(seed=2).state_dict(), tmp_path / "tiny.pt")
-    data = tmp_path / "wds_toy"
-    write_shards(data / "test", labelled_samples(random_images(6, seed=0), [0, 1, 2, 0, 1, 2]), per_shard=3)
-    (data / "classnames.txt").write_text("red\ngreen\nblue\n")
-    (data / "zeroshot_classification_templates.txt").write_text("a {c} image.\n")
+    name, _, data = write_toy_zeroshot_set(tmp_path)
     storage.upload(data, f"{s3_bucket}/wds_toy")
     import argparse
 
