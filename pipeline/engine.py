@@ -51,9 +51,33 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# DeepSpeed < 0.19.8 bucketed ZeRO-1/2 gradients by legacy type strings ("torch.cpu.FloatTensor") that no
+# CPU tensor has, so on CPU every bucket was dropped and ranks never averaged their gradients: each rank
+# silently trained on its own shard (caught by tests/test_lamb_zero.py when pip resolved 0.19.7).
+FIRST_DEEPSPEED_REDUCING_CPU_ZERO_GRADS = "0.19.8"
+
+
+def check_zero_reduces_gradients(deepspeed_version: str, zero_stage: int, world_size: int,
+                                 accelerator: str) -> None:
+    from packaging.version import Version
+
+    if accelerator != "cpu" or world_size == 1 or zero_stage not in (1, 2):
+        return
+    if Version(deepspeed_version) < Version(FIRST_DEEPSPEED_REDUCING_CPU_ZERO_GRADS):
+        raise RuntimeError(
+            f"DeepSpeed {deepspeed_version} does not all-reduce ZeRO-{zero_stage} gradients on CPU, so the "
+            f"{world_size} ranks would each train on their own data; install "
+            f"deepspeed>={FIRST_DEEPSPEED_REDUCING_CPU_ZERO_GRADS} (pip install -U deepspeed)")
+
+
 def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
     import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
+    check_zero_reduces_gradients(deepspeed.__version__, ds_config["zero_optimization"]["stage"],
+                                 dist.get_world_size() if dist.is_initialized() else 1,
+                                 get_accelerator().device_name())
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )

@@ -176,3 +176,21 @@ def test_config_accepts_lamb_only_where_it_is_layer_wise(stage):
         load_config(REPO / "configs" / "resnet50_a3.yaml", overrides)
     assert err.value.key == "deepspeed.zero_stage" and "resnet50_a3.yaml" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("version, stage, world, accelerator, refused", [
+    ("0.19.7", 1, 2, "cpu", True),
+    ("0.19.7", 2, 2, "cpu", True),
+    ("0.19.7", 0, 2, "cpu", False),  # stage 0 all-reduces through the engine, not ZeRO's buckets
+    ("0.19.7", 1, 1, "cpu", False),  # nothing to reduce
+    ("0.19.7", 2, 2, "cuda", False),  # "torch.cuda.FloatTensor" matched: only CPU tensors were dropped
+    ("0.19.8", 2, 2, "cpu", False),
+])
+def test_deepspeed_that_drops_cpu_zero_gradients_is_refused(version, stage, world, accelerator, refused):
+    from pipeline.engine import check_zero_reduces_gradients
+
+    if refused:
+        with pytest.raises(RuntimeError, match=r"deepspeed>=0\.19\.8"):
+            check_zero_reduces_gradients(version, stage, world, accelerator)
+    else:
+        check_zero_reduces_gradients(version, stage, world, accelerator)
