@@ -11,11 +11,17 @@ reads it after each step. For a run in a bucket, rank 0 may run on another machi
 request is also written to the bucket, where a thread of rank 0 looks for it every REMOTE_POLL_S seconds.
 A worker process that is killed outright (SIGKILL, a lost node) is Ray's fault-tolerance path: the group
 restarts from the last complete checkpoint.
+
+Ray's node drain notice (a spot reclaim or `ray drain-node`-style request seen by Ray Train's preemption
+watcher, Ray >= 2.5x's `ray.train.get_preemption_info`) is a third source: it is a collective through Ray, so
+it is read in the same step by every rank, at most every DRAIN_POLL_S seconds as rank 0's clock decides
+(the decision rides on the flag's all-reduce). The watcher itself polls Ray every 5 s.
 """
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later; a scheduler can tell it from a crash (1) or success (0)
@@ -24,6 +30,7 @@ PREEMPTED_RECORD = "preempted.json"  # written by rank 0: the step and checkpoin
 
 
 REMOTE_POLL_S = 2.0
+DRAIN_POLL_S = 5.0
 
 
 def request_file(run_dir: Path) -> Path:
@@ -58,6 +65,8 @@ class Preemption:
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self._drain_notice = _ray_train_drain_notice()
+        self._drain_polled_at = time.monotonic()
 
     def _poll(self, url: str) -> None:
         from pipeline.run_mirror import fresh_exists
@@ -81,17 +90,41 @@ class Preemption:
         import torch.distributed as dist
 
         local = self.requested or (self.rank == 0 and (self._remote_seen or self.request.exists()))
-        if self.world_size == 1 or not dist.is_initialized():
+        poll_drain = (self._drain_notice is not None and self.rank == 0
+                      and time.monotonic() - self._drain_polled_at >= DRAIN_POLL_S)
+        if self.world_size > 1 and dist.is_initialized():
+            flags = torch.tensor([int(local), int(poll_drain)], dtype=torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            local, poll_drain = bool(flags[0]), bool(flags[1])
+        if local or not poll_drain:
             return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        self._drain_polled_at = time.monotonic()
+        notice = self._drain_notice()  # every rank calls it in this step: Ray agrees on one answer
+        if notice is not None and self.rank == 0:
+            print(f"[pretrain] Ray drain notice: node(s) {', '.join(notice.preempted_node_ids)} will be reclaimed"
+                  + (f" in {max(0.0, notice.deadline_ms / 1000 - time.time()):.0f} s" if notice.deadline_ms else ""),
+                  flush=True)
+        return notice is not None
 
     def close(self) -> None:
         self._stop_polling.set()
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+def _ray_train_drain_notice():
+    """`ray.train.get_preemption_info` inside a Ray Train worker of a Ray that has it, else None."""
+    try:
+        import ray.train
+
+        notice = getattr(ray.train, "get_preemption_info", None)
+        if notice is None or not ray.is_initialized():
+            return None
+        ray.train.get_context()  # raises outside a Ray Train worker (plain process, --no-ray, benchmarks)
+        return notice
+    except Exception:  # noqa: BLE001 - no Ray Train here: SIGTERM and the request file remain
+        return None
 
 
 def clear(run_dir: Path, cfg=None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 
 import pytest
 
@@ -115,3 +116,43 @@ def test_pretrain_job_spans_both_nodes_and_checkpoints(two_nodes, digits_root, t
             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 10
     assert outward_sockets(two_nodes) == []  # the job's traffic stayed on 127.0.0.1 too
+
+
+def test_a_ray_drain_notice_becomes_a_checkpoint_at_that_step(two_nodes, digits_root, tmp_path):
+    """Ray's node drain notice (what a spot reclaim looks like to Ray) reaches the ranks through Ray Train's
+    preemption watcher: every rank checkpoints the step it is at and the run stops as preempted (exit 75).
+
+    Last in this module: node_b stays draining afterwards."""
+    run, output_dir = "drained", tmp_path / "runs"
+    overrides = {
+        "run.name": run, "run.output_dir": str(output_dir), "run.log_every_steps": 5,
+        "model.name": "resnet_nano", "data.image_size_px": 16,
+        "data.train": str(digits_root / "labelled" / "train"), "data.val": str(digits_root / "labelled" / "val"),
+        "data.num_workers_per_rank": 0, "schedule.max_steps": 5000, "checkpoint.every_steps": 0,
+        "eval.at_end": "false", "ray.num_workers": 2, "ray.cpus_per_worker": 1, "ray.use_gpu": "false",
+    }
+    argv = ["submit", "--address", two_nodes.dashboard, "--job-id", run, "--no-wait", "--",
+            "pretrain", "--config", "configs/smoke_resnet.yaml"]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    client = two_nodes.client()
+    result = client.launch(*argv, full_cli=True, timeout=120, RAY_AUTH_TOKEN=two_nodes.token)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    metrics = output_dir / run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # training, past step 5
+        assert time.monotonic() < deadline, client.ok("logs", run, "--address", two_nodes.dashboard)[-4000:]
+        time.sleep(1)
+    drained_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    node_b = node_ids_by_resource(two_nodes)["node_b"]
+    two_nodes.python(
+        "import subprocess, sys; subprocess.run(['ray', 'drain-node', '--address', %r, '--node-id', %r, "
+        "'--reason', 'DRAIN_NODE_REASON_PREEMPTION', '--reason-message', 'spot reclaim (test)', "
+        "'--deadline-remaining-seconds', '300'], check=True)" % (two_nodes.gcs_address, node_b))
+    assert client.wait_for(run, ("SUCCEEDED", "FAILED", "STOPPED"), timeout_seconds=180) == "FAILED"
+    logs = client.ok("logs", run, "--address", two_nodes.dashboard)
+    assert "Ray drain notice: node(s) " + node_b in logs, logs[-4000:]
+    record = json.loads((output_dir / run / "preempted.json").read_text())
+    assert drained_at < record["step"] < 5000, (drained_at, record)
+    meta = json.loads((output_dir / run / "checkpoints" / f"step_{record['step']:08d}" / "meta.json").read_text())
+    assert meta["complete"] and meta["world_size"] == 2
