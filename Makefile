@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Single-machine Ray stays on 127.0.0.1 (see docs/ENVIRONMENT notes in README).
+# Single-machine Ray stays on 127.0.0.1 (README, "Tests and environment").
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1

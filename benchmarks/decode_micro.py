@@ -25,7 +25,8 @@ from PIL import Image  # noqa: E402
 
 from pipeline.config import DataSection  # noqa: E402
 from pipeline.data.fast_image import fast_train_crop  # noqa: E402
-from pipeline.data.labelled import decode_image, train_transform  # noqa: E402
+from pipeline.data.labelled import train_transform  # noqa: E402
+from pipeline.data.reader import decode_image  # noqa: E402
 
 
 def photos(scale: float) -> list[bytes]:

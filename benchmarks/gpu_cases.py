@@ -2,14 +2,15 @@
 
 Cases (batch 256 per GPU, bf16):
   resnet50_torch   reference: timm resnet50, channels_last, autocast bf16, fused AdamW, eager, synthetic
-                   tensors (ANCHORS.md: 4,004 img/s; compiled 5,592)
+                   tensors (H100 80GB: 4,004 img/s; compiled 5,592)
   resnet50_ours    our per-worker loop without Ray (pipeline.trainer.run_worker, world size 1): DeepSpeed
                    ZeRO-1, torch_autocast bf16, uint8 channels_last batches from real shards, normalised on
                    the GPU; img/s and data-wait from its metrics.jsonl (goal >= 5,600)
-  clip_b32_torch   reference: open_clip ViT-B-32 + ClipLoss, autocast bf16, eager, synthetic (ANCHORS: 3,243)
+  clip_b32_torch   reference: open_clip ViT-B-32 + ClipLoss, autocast bf16, eager, synthetic (H100 80GB: 3,243)
   clip_b32_ours    our loop on image-text shards, ViT-B-32 (goal >= 5,000 samples/s)
   loader           `launch benchmark-data` on the same shards with --workers (is the loader fast enough?)
-MFU = samples/s x GFLOP per sample (ANCHORS.md: 24.3 ResNet-50 step, 44.2 ViT-B-32 step) / 790 TFLOP/s.
+MFU = samples/s x GFLOP per sample (24.3 a ResNet-50 step, 44.2 a ViT-B-32 step) / 790 TFLOP/s (the bf16
+matmul peak measured on an H100).
 
     python benchmarks/gpu_cases.py --case resnet50_ours --shards /tmp/gpu_shards --out $OUT/gpu.jsonl
     python benchmarks/gpu_cases.py --case resnet50_ours --cpu-smoke ...     (checks the plumbing on a CPU)
@@ -31,7 +32,7 @@ GFLOP_PER_SAMPLE = {"resnet50": 24.3, "clip_b32": 44.2}
 
 
 def synthetic_torch(model_name: str, batch: int, steps: int, device: str, compile_model: bool) -> float:
-    """Reference step: the plain PyTorch loop ANCHORS.md measured (timm's --torchcompile when compiled)."""
+    """Reference step: the plain PyTorch loop (timm's --torchcompile when compiled)."""
     import torch
 
     if device == "cuda":  # what timm's train.py and open_clip_train set
@@ -108,11 +109,11 @@ def ours(model_name: str, shards: str, batch: int, steps: int, workers: int, cpu
     result = subprocess.run(cmd, capture_output=True, text=True)
     rows = [json.loads(line) for line in (Path(out) / "case" / "metrics.jsonl").read_text().splitlines()] \
         if (Path(out) / "case" / "metrics.jsonl").is_file() else []
-    rows = [r for r in rows if "samples_per_second" in r and r["step"] > steps // 3]
+    rows = [r for r in rows if "train/samples_per_second" in r and r["step"] > steps // 3]
     if result.returncode != 0 or not rows:
         return {"error": (result.stderr or result.stdout)[-2000:], "rc": result.returncode}
-    return {"samples_per_second": statistics.median(r["samples_per_second"] for r in rows),
-            "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in rows),
+    return {"samples_per_second": statistics.median(r["train/samples_per_second"] for r in rows),
+            "data_wait_fraction": statistics.median(r["train/data_wait_fraction"] for r in rows),
             "wall_seconds": time.perf_counter() - started}
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the reference virtualenv for open_clip_train's own webdataset loader (run once, ~2 min).
-# open_clip_train needs webdataset <= 0.2.86 (ENVIRONMENT.md), so it cannot share the project's venv.
+# open_clip_train needs webdataset <= 0.2.86 (with 1.0.2 its shard reader fails on the end-of-shard marker:
+# KeyError 'fname'), so it cannot share the project's venv.
 #   bash benchmarks/setup_openclip_venv.sh [VENV_DIR]     (default /tmp/bench/openclip-venv)
 set -euo pipefail
 VENV="${1:-/tmp/bench/openclip-venv}"

@@ -1,5 +1,8 @@
 """data-prep: turn image corpora (caption tables, labelled trees) into webdataset tar shards with
 a manifest, sizes.json (open_clip) and _info.json (timm). See `data-prep COMMAND --help`."""
+# Dispatch as in launch/cli.py: each subcommand's parser sets `func`, the function that runs it (here a
+# _run_* function that imports its module when called, so --help stays fast); main() calls args.func(args)
+# and prints a user mistake (ValueError) as one line, exit 2.
 from __future__ import annotations
 
 import argparse
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_table_args(it)
     it.add_argument("--key-col", help="column of unique sample keys (default: shard + row number)")
     _add_shuffle_args(it)
-    it.set_defaults(handler=_run_image_text)
+    it.set_defaults(func=_run_image_text)
 
     lab = sub.add_parser("labelled", help="ImageFolder tree or path/label table to labelled shards")
     _add_labelled_args(lab)
@@ -91,18 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "chosen by a seeded hash of each path (independent of row order)")
     lab.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     _add_shuffle_args(lab)
-    lab.set_defaults(handler=_run_labelled)
+    lab.set_defaults(func=_run_labelled)
 
     ev = sub.add_parser("eval-set", help="zero-shot or retrieval evaluation sets (CLIP_benchmark layout)")
     kinds = ev.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
     zs = kinds.add_parser("zeroshot", help="classification set: test/*.tar + classnames + templates")
     _add_labelled_args(zs)
     zs.add_argument("--templates", type=Path, help="file of prompt templates with {c}, one per line")
-    zs.set_defaults(handler=_run_zeroshot)
+    zs.set_defaults(func=_run_zeroshot)
     rt = kinds.add_parser("retrieval", help="image-text retrieval set, several captions per image")
     _add_caption_table_args(rt)
     rt.add_argument("--image-id-col", help="rows sharing this value are one image (default: the image column)")
-    rt.set_defaults(handler=_run_retrieval)
+    rt.set_defaults(func=_run_retrieval)
 
     sample = sub.add_parser("sample", help="write a small real offline sample corpus")
     names = sample.add_subparsers(dest="sample_kind", required=True, metavar="NAME")
@@ -111,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--image-size", type=int, default=32, help="side in pixels (default 32)")
     digits.add_argument("--val-fraction", type=float, default=0.2)
     digits.add_argument("--seed", type=int, default=0)
-    digits.set_defaults(handler=_run_sample_digits)
+    digits.set_defaults(func=_run_sample_digits)
 
     ver = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     ver.add_argument("dir", type=Path, help="a dataset folder, or a folder holding several")
-    ver.set_defaults(handler=_run_verify)
+    ver.set_defaults(func=_run_verify)
     return parser
 
 
@@ -162,9 +165,9 @@ def _run_image_text(args: argparse.Namespace) -> int:
 
 
 def _run_retrieval(args: argparse.Namespace) -> int:
-    from data_prep.image_text import run_retrieval
+    from data_prep.image_text import run_retrieval_set
 
-    return _summarise(args.output / "test", run_retrieval(_image_text_request(args), args.image_id_col))
+    return _summarise(args.output / "test", run_retrieval_set(_image_text_request(args), args.image_id_col))
 
 
 def _labelled_request(args: argparse.Namespace):
@@ -187,10 +190,10 @@ def _run_labelled(args: argparse.Namespace) -> int:
 
 
 def _run_zeroshot(args: argparse.Namespace) -> int:
-    from data_prep.labelled import run_zeroshot
+    from data_prep.labelled import run_zeroshot_set
 
     templates = _read_lines(args.templates) if args.templates else None
-    return _summarise(args.output / "test", run_zeroshot(_labelled_request(args), templates))
+    return _summarise(args.output / "test", run_zeroshot_set(_labelled_request(args), templates))
 
 
 def _run_sample_digits(args: argparse.Namespace) -> int:
@@ -263,7 +266,7 @@ def _stage_bucket_output(args: argparse.Namespace):
     """--output s3://...: check the bucket takes writes, then point --output at its staging folder
     (data_prep/bucket.py); None for a local --output."""
     raw = getattr(args, "output", None)
-    if raw is None or args.handler is _run_sample_digits:
+    if raw is None or args.func is _run_sample_digits:
         return None
     # argparse made a Path of it, which folds 's3://' into 's3:/'.
     url = str(raw).replace(":/", "://", 1) if ":/" in str(raw) and "://" not in str(raw) else str(raw)
@@ -288,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bucket = _stage_bucket_output(args)
         if getattr(args, "output", None) is not None:
             check_output_folder(args.output)
-        code = int(args.handler(args))
+        code = int(args.func(args))
         if bucket is not None:
             bucket.push_rest()  # metadata, every manifest.json last
             print(f"uploaded to {bucket.url}")

@@ -78,7 +78,7 @@ def run_image_text(request: ImageTextRequest) -> JobReport:
                    split="train", source_info=source_info)
 
 
-def run_retrieval(request: ImageTextRequest, image_id_col: str | None = None) -> JobReport:
+def run_retrieval_set(request: ImageTextRequest, image_id_col: str | None = None) -> JobReport:
     """A retrieval set: one sample per image whose .txt holds all its captions, one per line
     (CLIP_benchmark's layout). Rows that share an image (or --image-id-col) are merged first."""
     group_col = image_id_col or request.image_col

@@ -209,9 +209,10 @@ def _execute(spec: RowSpec, todo: list[PartitionTask], out_dir: Path, job: JobOp
             advance(process_partition(spec, task, str(out_dir), job.num_threads, claimer,
                                       job.retry_failed))
         return
-    from data_prep.ray_runner import run_on_ray
+    from data_prep.ray_runner import run_partitions_on_ray
 
-    run_on_ray(spec, todo, str(out_dir), job, seen, advance)
+    run_partitions_on_ray(spec, todo, str(out_dir), num_workers=job.num_workers, address=job.address,
+                          num_threads=job.num_threads, retry_failed=job.retry_failed, seen=seen, advance=advance)
 
 
 def _finalize(out_dir: Path, spec: RowSpec, tasks: list[PartitionTask], sources: list[SourceTable],

@@ -19,8 +19,9 @@ from data_prep.manifest import write_parent_timm_info
 from data_prep.rows import INTERNAL_COLS, SOURCE_ROW_COL, RowSpec
 from data_prep.writer import write_bytes_atomic
 
-# Generic zero-shot prompts (a subset of OpenAI's CLIP ImageNet templates); `{c}` is the class.
-DEFAULT_TEMPLATES = (
+# The prompts a zero-shot set is written with when --templates names none (a subset of OpenAI's CLIP ImageNet
+# templates); `{c}` is the class.
+ZEROSHOT_SET_TEMPLATES = (
     "a photo of a {c}.", "a bad photo of a {c}.", "a photo of many {c}.", "a close-up photo of a {c}.",
     "a bright photo of a {c}.", "a cropped photo of a {c}.", "a blurry photo of a {c}.",
     "a photo of the small {c}.", "a photo of the large {c}.", "art of the {c}.",
@@ -154,12 +155,12 @@ def run_labelled(request: LabelledRequest, kind: str = "labelled") -> dict[str, 
     return reports
 
 
-def run_zeroshot(request: LabelledRequest, templates: Sequence[str] | None = None) -> JobReport:
+def run_zeroshot_set(request: LabelledRequest, templates: Sequence[str] | None = None) -> JobReport:
     """A zero-shot classification set: test/*.tar (image + cls), classnames.txt and
     zeroshot_classification_templates.txt, plus the nshards.txt/dataset_type.txt CLIP_benchmark reads."""
     if request.val_fraction:
         raise ValueError("an eval set has one split (test); --val-fraction does not apply")
-    lines = list(templates or DEFAULT_TEMPLATES)
+    lines = list(templates or ZEROSHOT_SET_TEMPLATES)
     if not all("{c}" in t for t in lines):
         raise ValueError("every zero-shot template needs a {c} placeholder for the class name")
     report = run_labelled(request, kind="zeroshot")["test"]

@@ -15,14 +15,14 @@ MANIFEST_FORMAT = "resclip-shards/1"
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
 TIMM_INFO_NAME = "_info.json"
-KINDS = ("labelled", "image_text", "zeroshot", "retrieval")
+DATASET_KINDS = ("labelled", "image_text", "zeroshot", "retrieval")
 
 
 def build_manifest(kind: str, shards: Sequence[ShardRecord], *, source: Mapping,
                    options: Mapping, rejected: Mapping[str, int] | None = None,
                    classnames: Sequence[str] | None = None) -> dict:
     """The manifest dict; `classnames` is required for labelled and zero-shot sets."""
-    assert kind in KINDS, kind
+    assert kind in DATASET_KINDS, kind
     manifest: dict = {
         "format": MANIFEST_FORMAT,
         "kind": kind,
@@ -76,8 +76,9 @@ def write_parent_timm_info(parent: Path, dataset_name: str, splits: Mapping[str,
     _write_json(parent / TIMM_INFO_NAME, info)
 
 
-def read_manifest(out_dir: Path) -> dict:
-    """Load and sanity-check a manifest; ValueError names the file on any problem."""
+def checked_manifest(out_dir: Path) -> dict:
+    """A data-prep output folder's manifest, checked: ValueError names the file when it is missing, unreadable or
+    of another format. (pipeline.data.shards.read_manifest is the lenient reader the trainer uses.)"""
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ValueError(f"{path}: no manifest (not a data-prep output folder, or unfinished)")

@@ -3,23 +3,22 @@ Imported only when needed, so the rest of data_prep works without starting Ray."
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from data_prep.dedup import RayHashRegistry
 from data_prep.partition import PartitionResult, PartitionTask, process_partition
 from data_prep.rows import RowSpec
 
-if TYPE_CHECKING:  # job.py imports this module lazily; avoid a runtime cycle
-    from data_prep.job import JobOptions
 
-
-def run_on_ray(spec: RowSpec, todo: list[PartitionTask], out_dir: str, job: JobOptions,
-               seen: list[str] | None, advance: Callable[[PartitionResult], None]) -> None:
-    """Run every partition as a task, at most 2 x num_workers in flight; results in completion order."""
+def run_partitions_on_ray(spec: RowSpec, todo: list[PartitionTask], out_dir: str, *, num_workers: int,
+                          address: str | None, num_threads: int, retry_failed: bool, seen: list[str] | None,
+                          advance: Callable[[PartitionResult], None]) -> None:
+    """Run every partition as a task, at most 2 x num_workers in flight; results in completion order.
+    The arguments are JobOptions' fields of the same names (data_prep/job.py)."""
     import ray
 
     # --address, else RAY_ADDRESS attaches on purpose; neither means a private local cluster.
-    started_here = _ensure_ray(job.num_workers, job.address or os.environ.get("RAY_ADDRESS") or None)
+    started_here = _ensure_ray(num_workers, address or os.environ.get("RAY_ADDRESS") or None)
     try:
         # Partitions are idempotent (atomic renames), so Ray may safely retry a lost worker's task.
         remote = ray.remote(num_cpus=1, max_retries=2)(process_partition)
@@ -28,10 +27,9 @@ def run_on_ray(spec: RowSpec, todo: list[PartitionTask], out_dir: str, job: JobO
         queue = list(reversed(todo))
         pending: list = []
         while queue or pending:
-            while queue and len(pending) < 2 * job.num_workers:
+            while queue and len(pending) < 2 * num_workers:
                 task = queue.pop()
-                pending.append(remote.remote(spec_ref, task, out_dir, job.num_threads, claimer,
-                                             job.retry_failed))
+                pending.append(remote.remote(spec_ref, task, out_dir, num_threads, claimer, retry_failed))
             done, pending = ray.wait(pending, num_returns=1)
             advance(ray.get(done[0]))
     finally:
@@ -48,7 +46,8 @@ def _ensure_ray(num_workers: int, address: str | None) -> bool:
     if address is not None:
         ray.init(address=address, configure_logging=False)
     else:
-        # A single-machine Ray keeps all its traffic on 127.0.0.1 with this set (ENVIRONMENT.md).
+        # With this set, a single-machine Ray takes 127.0.0.1 as its node address: all its traffic stays on
+        # loopback (README, "Tests and environment").
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
         # Ray runs workers at nice 15 by default (to keep its own daemons responsive); on a busy

@@ -169,7 +169,7 @@ def _metadata(spec: RowSpec, row: Mapping[str, Any], ctx: RowContext, image: Enc
     meta: dict[str, Any] = {}
     for col in spec.passthrough_cols:
         if col != spec.image_col or spec.image_source != "bytes":
-            meta[col] = json_safe(row.get(col))
+            meta[col] = arrow_to_json(row.get(col))
     ours = {
         "key": ctx.key, "source": ctx.source, "source_row": ctx.source_row,
         "original_width": image.original_width, "original_height": image.original_height,
@@ -187,7 +187,7 @@ def _metadata(spec: RowSpec, row: Mapping[str, Any], ctx: RowContext, image: Enc
     return meta
 
 
-def json_safe(value: Any) -> Any:
+def arrow_to_json(value: Any) -> Any:
     """Arrow values as JSON: bytes become a length note, dates ISO strings, NaN null."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
@@ -203,7 +203,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, decimal.Decimal):
         return float(value)
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): arrow_to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [arrow_to_json(v) for v in value]
     return str(value)

@@ -6,10 +6,10 @@ import json
 import tarfile
 from pathlib import Path
 
-from data_prep.manifest import MANIFEST_NAME, SIZES_NAME, read_manifest
+from data_prep.manifest import MANIFEST_NAME, SIZES_NAME, checked_manifest
+from pipeline.data.reader import IMAGE_EXTENSIONS
 
 # Files each sample must hold, by dataset kind (any one image extension will do).
-_IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
 _REQUIRED = {"labelled": {"cls"}, "zeroshot": {"cls"}, "image_text": {"txt"}, "retrieval": {"txt"}}
 
 
@@ -28,7 +28,7 @@ def find_datasets(root: Path) -> list[Path]:
 
 def verify_dataset(folder: Path) -> list[str]:
     """Every mismatch between `folder`'s shards and its manifest, as readable lines."""
-    manifest = read_manifest(folder)
+    manifest = checked_manifest(folder)
     problems: list[str] = []
     listed = [s["name"] for s in manifest["shards"]]
     on_disk = sorted(p.name for p in folder.glob("*.tar"))
@@ -67,7 +67,7 @@ def _verify_shard(folder: Path, shard: dict, kind: str, keys: set[str]) -> list[
             problems.append(f"{path}: key {key!r} also appears in an earlier shard")
         keys.add(key)
         missing = _REQUIRED.get(kind, set()) - exts
-        if missing or not exts & _IMAGE_EXTS:
+        if missing or not exts & set(IMAGE_EXTENSIONS):
             problems.append(f"{path}: sample {key!r} lacks {sorted(missing) or 'an image'}")
     return problems
 

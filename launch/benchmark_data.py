@@ -20,14 +20,14 @@ from typing import Iterable
 
 import torch
 
-from pipeline import storage
+from pipeline import families, storage
 from pipeline.config import Config, load_config
 from pipeline.data.fast_image import fast_path_supported
-from pipeline.data.shards import Shard, read_manifest, resolve_shards
+from pipeline.data.reader import IMAGE_EXTENSIONS
+from pipeline.data.shards import Shard, read_manifest, resolve_shards, unreadable_shard
 
-KINDS = ("labelled", "image_text")
+LOADER_KINDS = ("labelled", "image_text")
 DECODES = ("auto", "fast", "plain")
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
 DEFAULT_TOKENIZER = "ViT-B-32"
 
 
@@ -75,7 +75,7 @@ class Measurement:
 def run(args: argparse.Namespace) -> int:
     cfg = benchmark_config(args)
     shards = resolve_shards(cfg.data.train)
-    kind = detect_kind(cfg.data.train, shards, cfg.model.kind)
+    kind = detect_kind(cfg.data.train, shards, families.get(cfg.model.kind).data_kind)
     decode = choose_decode(args.decode, cfg)
     loader = build_loader(cfg, shards, kind, decode)
     workers = cfg.data.num_workers_per_rank
@@ -101,6 +101,7 @@ def benchmark_config(args: argparse.Namespace) -> Config:
     if args.steps < 1 or (args.warmup is not None and args.warmup < 0):
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
     cfg = load_config(args.config, overrides)
+    families.check_config(cfg, args.config)  # model.kind and the rest that depends on it
     if args.data is None:
         from launch.prepare import ensure_sample_corpus
 
@@ -110,17 +111,18 @@ def benchmark_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def detect_kind(spec: str, shards: list[Shard], model_kind: str) -> str:
-    """'labelled' or 'image_text': the manifest's kind, else the extensions of the first shard's samples."""
+def detect_kind(spec: str, shards: list[Shard], family_data_kind: str) -> str:
+    """'labelled' or 'image_text': the manifest's kind, else the extensions of the first shard's samples (the
+    model family's data kind when they hold both)."""
     first = spec.split("::")[0].strip()
     manifest = read_manifest(first)
-    if manifest and manifest.get("kind") in KINDS:
+    if manifest and manifest.get("kind") in LOADER_KINDS:
         return manifest["kind"]
     exts = sample_extensions(shards[0].path)
-    has_image = bool(exts & IMAGE_EXTS)
+    has_image = bool(exts & set(IMAGE_EXTENSIONS))
     labelled, captioned = "cls" in exts, "txt" in exts or "json" in exts
     if has_image and labelled and captioned:
-        return "image_text" if model_kind == "clip" else "labelled"
+        return family_data_kind
     if has_image and labelled:
         return "labelled"
     if has_image and captioned:
@@ -138,7 +140,7 @@ def sample_extensions(path: str, max_members: int = 64) -> set[str]:
         try:
             samples = read_index(path)
         except (OSError, tarfile.TarError) as err:
-            raise ValueError(f"{path}: not a readable tar shard ({err})") from None
+            raise unreadable_shard(path, err) from None
         return {ext for _, members in samples[:max_members] for ext, _, _ in members}
     try:
         with tarfile.open(path, "r|*") as tar:
@@ -149,7 +151,7 @@ def sample_extensions(path: str, max_members: int = 64) -> set[str]:
                 if member.isfile() and "." in name and not name.startswith("__"):
                     exts.add(name.split(".", 1)[1].lower())
     except (OSError, tarfile.TarError) as err:
-        raise ValueError(f"{path}: not a readable tar shard ({err})") from None
+        raise unreadable_shard(path, err) from None
     return exts
 
 
@@ -164,10 +166,9 @@ def choose_decode(requested: str, cfg: Config) -> str:
 
 def tokenizer_for(cfg: Config):
     """The config's CLIP tokenizer, else ViT-B-32's (open_clip's default BPE, context 77)."""
-    if cfg.model.kind == "clip":
-        from pipeline.models.clip import get_tokenizer
-
-        return get_tokenizer(cfg.model.name)
+    family = families.get(cfg.model.kind)
+    if family.tokenizer is not None:
+        return family.tokenizer(cfg.model.name)
     import open_clip
 
     return open_clip.get_tokenizer(DEFAULT_TOKENIZER)
@@ -197,7 +198,7 @@ def measure(loader: Iterable, steps: int, warmup: int) -> Measurement:
     cpu_start, wall_start = _cpu_seconds(pids), time.perf_counter()
     samples = 0
     for _ in range(steps):
-        batch = next(batches)[0]
+        batch = next(batches).batch
         samples += len(batch[-1])
     wall = time.perf_counter() - wall_start
     cpu_end = _cpu_seconds(pids)

@@ -1,6 +1,8 @@
-"""The `launch` console script: pretrain, eval, export (and later distill, submit).
+"""The `launch` console script: pretrain, distill, eval, export, submit (status, logs, stop), benchmark-data,
+report.
 
-User mistakes (ConfigError / ValueError) print one line and exit 2, without a traceback.
+Dispatch (as in data_prep/cli.py): each subcommand's parser sets `func`, the function that runs it; main() calls
+args.func(args). User mistakes (ConfigError / ValueError) print one line and exit 2, without a traceback.
 """
 from __future__ import annotations
 
@@ -13,22 +15,16 @@ import sys
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-# Subcommand modules, each with add_parser(subparsers); optional ones may not exist yet.
-COMMANDS = ("launch.pretrain", "launch.distill", "launch.eval_cmd", "launch.export_cmd", "launch.submit", "launch.benchmark_data",
-            "launch.report")
+# Subcommand modules, each with add_parser(subparsers), in the order --help lists them.
+COMMANDS = ("launch.pretrain", "launch.distill", "launch.eval_cmd", "launch.export_cmd", "launch.submit",
+            "launch.benchmark_data", "launch.report")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch", description="Pretraining pipeline: Ray + DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

@@ -15,16 +15,23 @@ import time
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from launch.console import RUN_LOG, run_output  # noqa: E402
 from launch.prepare import write_run_record  # noqa: E402
 from launch.pretrain import prepared_config, run_on_ray  # noqa: E402
-from pipeline.config import ConfigError  # noqa: E402
+from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.metrics import percent  # noqa: E402
 
 
 def train(config: str, name: str, *overrides: str) -> tuple[dict, str]:
-    cfg = prepared_config(config, [f"run.name={name}", *overrides])
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    run_dir = write_run_record(cfg, config)
-    return run_on_ray(cfg, address=None) or {}, str(run_dir)
+    overrides = (f"run.name={name}", *overrides)
+    fresh = load_config(config, list(overrides)).run_dir
+    shutil.rmtree(fresh, ignore_errors=True)
+    # From the preflight on (which consolidates a distillation teacher through DeepSpeed), what the libraries
+    # print goes to the run's log.
+    with run_output(fresh / RUN_LOG):
+        cfg = prepared_config(config, list(overrides))
+        run_dir = write_run_record(cfg, config)
+        return run_on_ray(cfg, address=None) or {}, str(run_dir)
 
 
 def main() -> int:
@@ -41,25 +48,25 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     minutes = (time.time() - started) / 60
-    zero_shot = next((v for k, v in clip.items() if k.startswith("val_zeroshot_") and k.endswith("_acc1")), None)
+    zero_shot = next((v for k, v in clip.items() if k.startswith("val/zeroshot/") and k.endswith("/acc1")), None)
     print("\n" + "=" * 76)
     if resnet:
-        print(f"demo: ResNet validation top-1 on {resnet.get('val_samples')} held-out digits: "
-              f"{resnet['val_top1']:.2f}% (top-5 {resnet['val_top5']:.2f}%) after {resnet['step']} steps")
+        print(f"demo: ResNet validation top-1 on {resnet.get('val/samples')} held-out digits: "
+              f"{percent(resnet['val/top1'])} (top-5 {percent(resnet['val/top5'])}) after {resnet['step']} steps")
         print(f"      run dir {resnet_dir}")
     if zero_shot is not None:
-        print(f"demo: CLIP zero-shot accuracy on the held-out digits: {100 * zero_shot:.2f}% "
+        print(f"demo: CLIP zero-shot accuracy on the held-out digits: {percent(zero_shot)} "
               f"after {clip['step']} steps (chance 10%)")
         print(f"      run dir {clip_dir}")
     if distilled and from_labels:
         print(f"demo: distillation into resnet_nano (0.3M params), held-out top-1: teacher "
-              f"{resnet.get('val_top1', 0):.2f}% | student distilled {distilled['val_top1']:.2f}% | "
-              f"same student from labels {from_labels['val_top1']:.2f}%")
+              f"{percent(resnet.get('val/top1', 0))} | student distilled {percent(distilled['val/top1'])} | "
+              f"same student from labels {percent(from_labels['val/top1'])}")
         print(f"      run dir {distill_dir}")
     print(f"demo: {minutes:.1f} min in all; each run dir holds config.yaml, versions.json, metrics.jsonl, "
           "tensorboard/, checkpoints/")
     print("=" * 76)
-    ok = resnet.get("val_top1", 0) >= 90 and (zero_shot or 0) >= 0.8 and distilled.get("val_top1", 0) >= 85
+    ok = resnet.get("val/top1", 0) >= 0.9 and (zero_shot or 0) >= 0.8 and distilled.get("val/top1", 0) >= 0.85
     return 0 if ok else 1
 
 

@@ -21,8 +21,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline import storage
-
-EXPORT_FORMATS = ("open_clip", "safetensors", "timm")  # pipeline.evaluation.export.EXPORTERS, imported lazily
+from pipeline.evaluation.export import export, export_formats
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="REF",
                         help="run dir, checkpoint dir, exported .safetensors, or open_clip/timm weights file")
-    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format")
+    parser.add_argument("--format", required=True, choices=export_formats(), dest="export_format")
     parser.add_argument("--output", required=True, metavar="PATH", help=".safetensors, .bin, .pt or .pth file")
     parser.add_argument("--model", metavar="NAME", help="architecture of a weights file (as in `launch eval`)")
     parser.set_defaults(func=run)
@@ -39,7 +38,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.export import export
     from pipeline.evaluation.resolver import resolve
 
     resolved = resolve(args.checkpoint, args.model)

@@ -9,15 +9,16 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
 from launch.resume import check_resume, keep_earlier_config
+from launch.revision import git_revision
 from pipeline import storage
 from pipeline.config import Config, ConfigError, dump_yaml, zeroshot_entry
 from pipeline.data.shards import resolve_shards
 
+REPO = Path(__file__).resolve().parents[1]  # the code whose revision a run records
 # Where each data path of a sample corpus sits under the corpus root (data_prep.samples.digits layout).
 SAMPLE_LAYOUT = ("labelled/train", "labelled/val", "image_text/train", "image_text/val", "zeroshot")
 
@@ -65,9 +66,10 @@ def absolute_paths(cfg: Config) -> Config:
 
 def preflight(cfg: Config, source: str) -> None:
     """Shards exist and are enough for the ranks, classes are known, the batch arithmetic works."""
-    from pipeline.tasks import task_class, task_key
+    from pipeline.tasks import task_class
     from pipeline.trainer import make_plan
 
+    task = task_class(cfg, source)  # first: the family's config checks (model.kind, contrastive.loss, ...)
     for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
         for part in (p.strip() for p in (spec or "").split("::")):
             try:  # a missing bucket, bad credentials or a dead endpoint: one line, in seconds
@@ -84,11 +86,11 @@ def preflight(cfg: Config, source: str) -> None:
         except ValueError as err:
             raise ConfigError("data.val", str(err), source) from None
     try:
-        notes = task_class(task_key(cfg)).check(cfg) or []
+        notes = task.check(cfg) or []
     except ConfigError as err:
+        if err.key == "distill.teacher" and not os.path.exists(cfg.distill.teacher):
+            err = ConfigError(err.key, err.message + producing_command(cfg.distill.teacher, source), source)
         raise err.with_source(source) from None
-    except ValueError as err:  # no task registered for this kind (or distilling it)
-        raise ConfigError("model.kind", str(err).split(": ", 1)[-1], source) from None
     try:
         make_plan(cfg, sum(s.num_samples for s in shards), cfg.ray.num_workers)
     except ValueError as err:
@@ -121,6 +123,16 @@ def preflight(cfg: Config, source: str) -> None:
     check_resume(cfg, source)
 
 
+def producing_command(run_ref: str, source: str) -> str:
+    """For a run that does not exist: "; `launch pretrain --config FILE` produces it" when a config beside
+    `source` (the user's config file) names that run, else ""."""
+    name = Path(run_ref).name
+    for path in sorted(Path(source).parent.glob("*.yaml")):
+        if f"name: {name}\n" in path.read_text(encoding="utf-8"):
+            return f"; `launch pretrain --config {Path(source).parent / path.name}` produces it"
+    return ""
+
+
 def write_run_record(cfg: Config, source: str) -> Path:
     """Resolved config, library versions and git revision: what reproduces this run."""
     run_dir = cfg.run_dir
@@ -133,43 +145,34 @@ def write_run_record(cfg: Config, source: str) -> Path:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    (run_dir / "versions.json").write_text(json.dumps({**versions, "git": git_revision()}, indent=1))
+    (run_dir / "versions.json").write_text(json.dumps({**versions, "git": git_revision(REPO)}, indent=1))
     return run_dir
-
-
-def git_revision() -> dict:
-    repo = Path(__file__).resolve().parent.parent
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-    return {"revision": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
 
 
 def spot_check(shard_path: str, key: str, source: str, num_samples: int = 8) -> None:
     """Some of the first samples of a shard must hold a decodable image. One bad sample is the trainer's
     to skip and count; a shard where none of the first few decodes is a wrong dataset or a wrong format."""
-    from pipeline.data.labelled import decode_image
-    from pipeline.data.reader import SkipSample
-    from pipeline.data.stream import TarSamples
+    from pipeline.data import reasons
+    from pipeline.data.reader import TarSamples, decode_image
+    from pipeline.data.reasons import SkipSample
 
-    samples, reasons = TarSamples(), []
+    samples, skipped = TarSamples(), []
     for index in range(num_samples):
         try:
             decode_image(samples.read(shard_path, index))
             return
         except SkipSample as why:
-            reasons.append(str(why))
-            if str(why).startswith("sample missing"):
+            skipped.append(str(why))
+            if str(why) == reasons.MISSING_SAMPLE:
                 break
-    raise ConfigError(key, f"spot check of {shard_path}: none of its first {len(reasons)} samples decodes "
-                      f"(first: {reasons[0]})", source)
+    raise ConfigError(key, f"spot check of {shard_path}: none of its first {len(skipped)} samples decodes "
+                      f"(first: {skipped[0]})", source)
 
 
 def shuffle_warning(cfg: Config) -> str | None:
     """One line when the training stream's shuffle cannot mix shards written in class order, unless
     data-prep shuffled the rows of every training source (its manifest records the seed)."""
+    from pipeline import families
     from pipeline.data.shards import read_manifest
     from pipeline.data.stream import mixing_shortfall
 
@@ -178,7 +181,7 @@ def shuffle_warning(cfg: Config) -> str | None:
     if manifests and all(m and m.get("options", {}).get("shuffle_seed") is not None for m in manifests):
         return None
     num_classes = None
-    if cfg.model.kind != "clip":  # classifiers, and distillation into one
+    if families.get(cfg.model.kind).data_kind == "labelled":  # classifiers, and distillation into one
         num_classes = cfg.data.num_classes or ((manifests[0] or {}).get("num_classes") if manifests else None)
     return mixing_shortfall(cfg.data.shuffle_buffer, cfg.data.shuffle_block,
                             cfg.data.batch_size_per_rank * cfg.ray.num_workers, num_classes)

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from launch.console import RUN_LOG, run_output
 from launch.prepare import absolute_paths, ensure_sample_corpus, preflight, write_run_record
 from pipeline import preemption, storage
 from pipeline.config import Config, load_config
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_ray:
         from pipeline.trainer import run_worker
 
-        with preemption.DriverHandler(run_dir, cfg.checkpoint.preempt_grace_s, preemption.request_url(cfg)):
+        with preemption.DriverHandler(run_dir, cfg.checkpoint.preempt_grace_s, preemption.request_url(cfg)), \
+                run_output(run_dir / RUN_LOG):
             final = run_worker(cfg.to_dict())
     else:
         final = run_on_ray(cfg, args.address or os.environ.get("RAY_ADDRESS"))
@@ -72,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_on_ray(cfg: Config, address: str | None) -> dict | None:
+    """Train on Ray: the final metrics, or None when training failed. The console shows our lines; everything
+    Ray, DeepSpeed and the other libraries print goes to <run dir>/logs/output.log (launch/console.py)."""
+    with run_output(cfg.run_dir / RUN_LOG) as log:
+        return _run_on_ray(cfg, address, log)
+
+
+def _run_on_ray(cfg: Config, address: str | None, log) -> dict | None:
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -98,7 +107,8 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
             # would not exist on the others when nothing is shared.
             storage_path=cfg.ray.storage_path or cfg.run_url,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # one line per report is noise
+            # Ray Train's INFO logs stay off the console (its per-report line escapes this: launch/console.py).
+            logging_config=LoggingConfig(log_level="WARNING"),
             # Ray Train's print patch sends each print to its logger and stdout: lines appear twice. Workers on
             # other machines reach the driver's buckets with its endpoint and credentials (storage.credential_env).
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **storage.credential_env()}},
@@ -109,7 +119,8 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
             trainer.fit()
     except Exception as err:  # Ray wraps the worker's exception; its last line says what went wrong
         message = str(err).strip().splitlines()
-        print(f"error: training failed: {message[-1] if message else type(err).__name__}", file=sys.stderr)
+        print(f"error: training failed: {message[-1] if message else type(err).__name__} (all output: {log})",
+              file=sys.stderr)
         return None
     from pipeline import run_mirror
 
@@ -137,13 +148,18 @@ def start_private_ray(num_cpus: int, **init_kwargs) -> None:
 
 
 def print_summary(final: dict, run_dir) -> None:
+    """The run's last numbers for people (accuracies in percent); a run dir finished by an older version
+    (relaunched with nothing left to train) has its final metrics under the old keys: read them as today's."""
+    from pipeline.metrics import as_text, from_legacy
+
+    final = from_legacy(final)
     parts = [f"step {final.get('step')}"]
-    zero_shot = [k for k in final if k.startswith("val_zeroshot_") and k.endswith("_acc1")]
-    for key in ("val_top1", "val_top5", "val_ema_top1", *zero_shot, "loss"):
+    zero_shot = [k for k in final if k.startswith("val/zeroshot/") and k.endswith("/acc1")]
+    for key in ("val/top1", "val/top5", "val/ema/top1", *zero_shot, "train/loss"):
         if key in final:
-            parts.append(f"{key} {final[key]:.4g}")
-    if "val_samples" in final:  # every metric with the number of samples it was computed on
-        parts.append(f"val_samples {final['val_samples']} of {final.get('val_expected_samples', '?')}")
+            parts.append(f"{key} {as_text(key, final[key])}")
+    if "val/samples" in final:  # every metric with the number of samples it was computed on
+        parts.append(f"val/samples {final['val/samples']} of {final.get('val/expected_samples', '?')}")
     print(f"[launch] done: {' | '.join(parts)}", flush=True)
     for warning in dict.fromkeys(w for key, value in final.items() if key.endswith("warnings") for w in value):
         print(f"[launch] warning: {warning}", flush=True)

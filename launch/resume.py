@@ -60,7 +60,9 @@ def check_resume(cfg: Config, source: str) -> None:
                           f"{_listed(changes, refused)}; these keys cannot change mid-run (README, 'Run "
                           "directory', lists those that can): use a new run.name, or checkpoint.resume: false "
                           "to start this run over", source)
-    if cfg.model.kind == "classifier":
+    from pipeline import families
+
+    if families.get(cfg.model.kind).data_kind == "labelled":  # trained on classes: checkpoints record their names
         _check_resumed_class_names(cfg, latest, meta, source)
     if changes:
         print(f"[launch] resuming {cfg.run_url} from {latest.name} with changed settings: "

@@ -12,10 +12,11 @@ import contextlib
 import datetime
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from launch.revision import git_revision, revision_text
 
 DEFAULT_DASHBOARD_ADDRESS = "http://127.0.0.1:8265"
 # Environment variables Ray's job CLI reads, most specific first.
@@ -222,23 +223,13 @@ def job_runtime_env(args: argparse.Namespace) -> dict:
     return runtime_env
 
 
-def git_revision(folder: str) -> str:
-    """The working dir's commit (+dirty): .git is not uploaded, so the job's metadata carries it."""
-    try:
-        rev = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
-
-
 def run_submit(args: argparse.Namespace) -> int:
     entrypoint = job_entrypoint(args.command, args)
     runtime_env = job_runtime_env(args)
     cluster = Cluster(args.address)
-    metadata = {"launch_command": entrypoint, "git_revision": git_revision(runtime_env["working_dir"])}
+    # .git is not uploaded, so the job's metadata carries the working dir's commit.
+    metadata = {"launch_command": entrypoint,
+                "git_revision": revision_text(git_revision(runtime_env["working_dir"]))}
     print(f"[launch] uploading {runtime_env['working_dir']} (not {' '.join(runtime_env['excludes'])}, nor what "
           ".gitignore lists)", flush=True)
     with cluster.errors():

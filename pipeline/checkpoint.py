@@ -199,31 +199,6 @@ def verify_files(ckpt_dir: Path, meta: dict) -> None:
         safe_torch_load(path, deepspeed_state=True, mmap=True)
 
 
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from an untrusted file (local, or s3:// / gs:// / https:// copied to a local cache first),
-    without executing pickled code."""
-    from pipeline import storage
-
-    if storage.is_remote(path):
-        from pipeline.remote_refs import localize
-
-        path = localize(str(path))
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such weights file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    blob = safe_torch_load(path)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
-            blob = blob[key]
-    if not isinstance(blob, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(blob).__name__}")
-    return {k.removeprefix("module."): v for k, v in blob.items() if isinstance(v, torch.Tensor)}
-
-
 # -- loading untrusted files ------------------------------------------------------------------------
 
 

@@ -6,13 +6,7 @@ import torch
 
 from pipeline.lamb import bind_zero_layout
 from pipeline.optim import grad_clip_norm
-
-
-def resolve_precision(precision: str, on_gpu: bool) -> str:
-    # bf16 with BatchNorm fails on CPU (ENVIRONMENT.md); autocast bf16 is the fast path on GPU.
-    if precision == "auto":
-        return "bf16" if on_gpu else "fp32"
-    return precision
+from pipeline.precision import resolve_precision
 
 
 def deepspeed_config(ds_cfg, optim_cfg, batch_size_per_rank: int, on_gpu: bool) -> dict:
@@ -31,8 +25,8 @@ def deepspeed_config(ds_cfg, optim_cfg, batch_size_per_rank: int, on_gpu: bool) 
         config["gradient_clipping"] = grad_clip_norm(optim_cfg)
     precision = resolve_precision(ds_cfg.precision, on_gpu)
     if precision == "bf16":
-        # fp32 weights + autocast: 0.84x of plain torch on H100 vs 0.66x for DeepSpeed's bf16 weights mode
-        # (ANCHORS.md), and BatchNorm stays in fp32.
+        # fp32 weights + autocast: ResNet-50 on an H100 ran at 0.84x of a plain PyTorch autocast step, against
+        # 0.66x in DeepSpeed's bf16-weights mode (3,355 and 2,630 vs 3,985 img/s), and BatchNorm stays in fp32.
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         if ds_cfg.comm_dtype == "fp32":
             # DeepSpeed tags Linear/Conv weights (its "lower precision safe modules") with the autocast

@@ -3,7 +3,8 @@
 `launch eval`, `launch export`, `launch report`, `distill.teacher` and `model.pretrained_path` take s3:// and
 gs:// references (https:// for weights files): the reference is copied to $RESCLIP_CACHE/refs/<hash of the
 URL>/ (reused while the bucket's objects keep their ETags) and the copy goes down the local code path, so a
-remote checkpoint is loaded exactly as safely (weights-only) as a local one.
+remote checkpoint is loaded exactly as safely (weights-only) as a local one. `load_weights_file` reads a weights
+file wherever it is.
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import posixpath
 import shutil
 from pathlib import Path
 
+import torch
+
 from pipeline import checkpoint, storage
-from pipeline.run_mirror import FETCH_RECORD, fetch_folder, fetch_latest, fresh_fs, listing, url_digest
+from pipeline.run_mirror import FETCH_RECORD, fetch_folder, fetch_latest, fresh_fs, listing
 
 
 def localize(url: str) -> Path:
@@ -27,8 +30,27 @@ def localize_run_record(url: str) -> Path:
     return _localized(url, with_checkpoint=False)
 
 
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from an untrusted file (local, or s3:// / gs:// / https:// copied to a local cache first),
+    without executing pickled code."""
+    path = localize(str(path)) if storage.is_remote(path) else Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    blob = checkpoint.safe_torch_load(path)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(blob).__name__}")
+    return {k.removeprefix("module."): v for k, v in blob.items() if isinstance(v, torch.Tensor)}
+
+
 def _localized(url: str, with_checkpoint: bool) -> Path:
-    base = storage.cache_root() / "refs" / url_digest(url)
+    base = storage.cache_root() / "refs" / storage.url_digest(url)
     name = posixpath.basename(url.rstrip("/"))
     try:
         if storage.scheme(url) in ("http", "https"):  # no listings: a weights file

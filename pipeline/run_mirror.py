@@ -23,7 +23,6 @@ References to runs and files in buckets (`launch eval/export/report`, `distill.t
 """
 from __future__ import annotations
 
-import hashlib
 import fcntl
 import json
 import os
@@ -49,15 +48,6 @@ _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 # -- places -------------------------------------------------------------------------------------------
-
-
-def url_digest(url: str) -> str:
-    return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-
-
-def staging_dir(run_url: str) -> Path:
-    """The local folder every process of this machine writes a bucket run's directory in (named like the run)."""
-    return storage.cache_root() / "runs" / url_digest(run_url) / posixpath.basename(run_url.rstrip("/"))
 
 
 def _ckpt_url(run_url: str, step: int) -> str:

@@ -11,6 +11,7 @@ os.path on a string that may be a URL.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 from pathlib import Path
@@ -29,6 +30,17 @@ CACHE_VARIABLE = "RESCLIP_CACHE"  # local copies of remote things: staging folde
 def cache_root() -> Path:
     """Where local copies of remote locations live ($RESCLIP_CACHE, else ~/.cache/resclip)."""
     return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "resclip")
+
+
+def url_digest(url: str) -> str:
+    """A short name for a URL's local copy folder (trailing slashes do not count)."""
+    return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def staging_dir(run_url: str) -> Path:
+    """The local folder every process of this machine writes a bucket run's directory in (named like the run);
+    pipeline/run_mirror.py mirrors it to the bucket."""
+    return cache_root() / "runs" / url_digest(run_url) / posixpath.basename(run_url.rstrip("/"))
 
 
 class StorageError(ValueError):

@@ -24,16 +24,16 @@ from pipeline import checkpoint
 from pipeline.config import Config
 from pipeline.data.stream import Position, seed_sample_rng
 from pipeline.engine import deepspeed_config, initialize
-from pipeline.metrics import MetricsLogger
+from pipeline.metrics import TRAIN, VAL, VAL_EMA, MetricsLogger, prefixed
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.preemption import PREEMPTED_RECORD, Preemption, request_url
 from pipeline.run_mirror import RunMirror, run_file_exists, shown, write_run_file
-from pipeline.tasks import task_class, task_key
+from pipeline.tasks import task_class
 from pipeline.tasks.base import Task, all_reduce_sum
 
 
 @dataclass(frozen=True)
-class Plan:
+class StepPlan:
     """Step arithmetic of a run, identical on every rank."""
 
     steps_per_epoch: int
@@ -42,7 +42,7 @@ class Plan:
     samples_per_step: int
 
 
-def make_plan(cfg: Config, num_train_samples: int, world_size: int) -> Plan:
+def make_plan(cfg: Config, num_train_samples: int, world_size: int) -> StepPlan:
     samples_per_step = cfg.data.batch_size_per_rank * cfg.deepspeed.gradient_accumulation_steps * world_size
     # Equal steps on every rank: the epoch is cut to whole global batches (the remainder is dropped).
     steps_per_epoch = num_train_samples // samples_per_step
@@ -54,7 +54,7 @@ def make_plan(cfg: Config, num_train_samples: int, world_size: int) -> Plan:
     if cfg.schedule.max_steps is not None:
         total = min(total, cfg.schedule.max_steps)
     warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
-    return Plan(steps_per_epoch, total, warmup, samples_per_step)
+    return StepPlan(steps_per_epoch, total, warmup, samples_per_step)
 
 
 # ---------------------------------------------------------------- entry points
@@ -112,7 +112,7 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
                  report: Callable[[dict], None] | None) -> dict:
     cfg = Config.from_dict(config_dict)
     device = _setup_process(cfg, rank, local_rank)
-    task: Task = task_class(task_key(cfg))(cfg, device)
+    task: Task = task_class(cfg)(cfg, device)
     plan = make_plan(cfg, task.num_train_samples, world_size)
 
     model = task.build_model()
@@ -153,7 +153,7 @@ def _build_ema(module: torch.nn.Module, decay: float | None):
     return ModelEmaV3(module, decay=decay)
 
 
-def _maybe_resume(cfg: Config, engine, ema, rank: int, plan: Plan, mirror: RunMirror) -> tuple[int, Position]:
+def _maybe_resume(cfg: Config, engine, ema, rank: int, plan: StepPlan, mirror: RunMirror) -> tuple[int, Position]:
     """(step, data position) to continue from: the latest complete checkpoint's, or the start."""
     ckpt_dir = mirror.resume_point() if cfg.checkpoint.resume else None
     if ckpt_dir is None:
@@ -173,7 +173,7 @@ def _maybe_resume(cfg: Config, engine, ema, rank: int, plan: Plan, mirror: RunMi
 class _Loop:
     """Holds what every step needs, so the step and its bookkeeping stay short functions."""
 
-    def __init__(self, cfg: Config, plan: Plan, task: Task, engine, ema, rank: int, world_size: int,
+    def __init__(self, cfg: Config, plan: StepPlan, task: Task, engine, ema, rank: int, world_size: int,
                  logger: MetricsLogger, report):
         self.cfg, self.plan, self.task, self.engine, self.ema = cfg, plan, task, engine, ema
         self.rank, self.world_size, self.logger, self.report = rank, world_size, logger, report
@@ -192,13 +192,13 @@ class _Loop:
         for step in range(start_step + 1, plan.total_steps + 1):
             for micro in range(cfg.deepspeed.gradient_accumulation_steps):
                 window.data_started()
-                batch, skipped, *where = next(batches)
-                window.data_done(skipped)
-                self.position = where[0] if where else None
+                item = next(batches)
+                window.data_done(item.skips)
+                self.position = item.position
                 # Mixup, drop-path and dropout draw from RNG seeded by (step, rank): a resumed run
                 # draws what the uninterrupted run drew.
                 seed_sample_rng(cfg.run.seed, step * 1000 + micro, -1 - self.rank)
-                loss, num_samples = self.task.loss(self.engine, batch)
+                loss, num_samples = self.task.loss(self.engine, item.batch)
                 self.engine.backward(loss)
                 self.engine.step()
                 window.add(loss.detach(), num_samples)
@@ -229,8 +229,8 @@ class _Loop:
         cfg, last = self.cfg, step == self.plan.total_steps
         metrics: dict = {}
         if step % cfg.run.log_every_steps == 0 or last:
-            metrics.update(window.flush(self.world_size), epoch=round(step / self.plan.steps_per_epoch, 3),
-                           lr=self.engine.get_lr()[0])
+            metrics.update(prefixed(TRAIN, {**window.flush(self.world_size), "lr": self.engine.get_lr()[0]}),
+                           epoch=round(step / self.plan.steps_per_epoch, 3))
         if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (last and cfg.eval.at_end):
             metrics.update(self.validate())
         if metrics:
@@ -286,9 +286,9 @@ class _Loop:
 
     def validate(self) -> dict:
         self._average_buffers()
-        results = {f"val_{k}": v for k, v in self._evaluate(self.engine.module).items()}
+        results = prefixed(VAL, self._evaluate(self.engine.module))
         if self.ema is not None:
-            results.update({f"val_ema_{k}": v for k, v in self._evaluate(self.ema.module).items()})
+            results.update(prefixed(VAL_EMA, self._evaluate(self.ema.module)))
         self.engine.train()
         return results
 
@@ -354,6 +354,7 @@ class _Window:
         self.samples += num_samples
 
     def flush(self, world_size: int) -> dict:
+        """The window's numbers, named as inside train/ (the caller prefixes them); starts the next window."""
         elapsed = time.perf_counter() - self.started
         loss = all_reduce_sum(torch.stack([self.loss_sum.detach().cpu().double(),
                                             torch.tensor(float(self.micro_steps), dtype=torch.float64)]),

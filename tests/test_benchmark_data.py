@@ -21,8 +21,10 @@ from launch.cli import main
 from pipeline.config import DataSection
 from pipeline.data.fast_image import (FastRandomResizedCrop, UInt8Collate, fast_path_supported,
                                       fast_train_crop, normalize_on_device)
-from pipeline.data.labelled import DecodeLabelled, FastDecodeLabelled, decode_image, train_transform
-from pipeline.data.reader import SkipSample
+from pipeline.data import reasons
+from pipeline.data.labelled import DecodeLabelled, FastDecodeLabelled, train_transform
+from pipeline.data.reader import decode_image
+from pipeline.data.reasons import SkipSample
 from pipeline.data.shards import resolve_shards
 from pipeline.data.stream import ResumableStream, seed_sample_rng
 
@@ -80,7 +82,7 @@ def test_one_line_errors(digits_root, tmp_path, capsys):
 def _stream_batches(shards, decode, collate, cfg: DataSection, count: int):
     stream = ResumableStream(shards, 0, 1, 32, decode, seed=3, shuffle_window=cfg.shuffle_buffer, collate=collate)
     batches = iter(stream)
-    return [next(batches)[0] for _ in range(count)]
+    return [next(batches).batch for _ in range(count)]
 
 
 def test_fast_batches_match_plain_batches(digits_root):
@@ -131,12 +133,12 @@ def test_fast_crop_formats_and_corrupt_data():
         Image.new(mode, (40, 30), 7 if mode == "P" else None).save(buffer, format=fmt)
         image = crop(buffer.getvalue())
         assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
-    with pytest.raises(SkipSample, match="corrupt image"):
+    with pytest.raises(SkipSample, match=f"^{reasons.CORRUPT_IMAGE}$"):
         crop(b"\xff\xd8\xff\xe0 not really a jpeg")
     jpeg = _photo_jpeg(120)
-    with pytest.raises(SkipSample, match="corrupt image"):  # truncated: skipped, as the plain path does
+    with pytest.raises(SkipSample, match=f"^{reasons.CORRUPT_IMAGE}$"):  # truncated: skipped, as the plain path does
         crop(jpeg[: len(jpeg) // 2])
-    with pytest.raises(SkipSample, match="no image"):
+    with pytest.raises(SkipSample, match=f"^{reasons.NO_IMAGE}$"):
         FastDecodeLabelled(crop)({"cls": b"1"})
 
 

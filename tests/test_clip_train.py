@@ -47,14 +47,16 @@ def clip_run(ray_session, digits_root, tmp_path_factory):
 
 def test_two_worker_clip_learns_and_logs_zero_shot(clip_run):
     _, final, run_dir = clip_run
-    train = [r for r in rows(run_dir) if "loss" in r]
+    train = [r for r in rows(run_dir) if "train/loss" in r]
     assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
-    assert train[-1]["loss"] < train[0]["loss"] - 1.0, [r["loss"] for r in train]
-    evals = [r for r in rows(run_dir) if "val_zeroshot_digits_acc1" in r]
+    assert train[-1]["train/loss"] < train[0]["train/loss"] - 1.0, [r["train/loss"] for r in train]
+    evals = [r for r in rows(run_dir) if "val/zeroshot/digits/acc1" in r]
     assert [r["step"] for r in evals] == [30, 60]
-    assert final["val_zeroshot_digits_samples"] == 360 and final["val_samples"] == 360  # each sample once
-    assert final["val_zeroshot_digits_acc1"] > 0.3, final  # chance: 0.1
-    assert 0 < final["val_image_retrieval_recall@10"] <= 1 and final["val_loss"] > 0
+    assert final["val/zeroshot/digits/samples"] == 360 and final["val/samples"] == 360  # each sample once
+    assert final["val/zeroshot/digits/acc1"] > 0.3, final  # chance: 0.1
+    assert 0 < final["val/image_retrieval_recall@10"] <= 1 and final["val/loss"] > 0
+    # validation and training numbers are told apart by their prefix, in TensorBoard as in metrics.jsonl
+    assert not any(key.startswith("train/val") or key.startswith("val_") for row in rows(run_dir) for key in row)
     meta = checkpoint.read_meta(run_dir / "checkpoints" / "step_00000060")
     assert meta["config"]["model"]["kind"] == "clip" and meta["world_size"] == 2
 
@@ -63,10 +65,10 @@ def test_clip_relaunch_resumes_at_the_next_step(clip_run, digits_root):
     out, _, run_dir = clip_run
     before = len(rows(run_dir))
     final, _ = launch(overrides(out, digits_root, **{"schedule.max_steps": 70, "eval.every_steps": 0}))
-    new = [r for r in rows(run_dir)[before:] if "loss" in r]
+    new = [r for r in rows(run_dir)[before:] if "train/loss" in r]
     assert [r["step"] for r in new] == [70] and final["step"] == 70
-    assert new[0]["loss"] < rows(run_dir)[0]["loss"] - 1.0  # continued from the trained weights
-    assert "val_zeroshot_digits_acc1" in final
+    assert new[0]["train/loss"] < rows(run_dir)[0]["train/loss"] - 1.0  # continued from the trained weights
+    assert "val/zeroshot/digits/acc1" in final
 
 
 def test_our_clip_checkpoint_evaluates_and_exports_like_training_saw_it(clip_run, digits_root, tmp_path):
@@ -82,7 +84,7 @@ def test_our_clip_checkpoint_evaluates_and_exports_like_training_saw_it(clip_run
     assert resolved.kind == "clip" and resolved.step == final["step"]
     options = EvalOptions(batch_size=64, num_workers=0, device="cpu")
     result = evaluate("zeroshot", resolved, Path(f"{digits_root}/zeroshot"), options)
-    assert abs(result["metrics"]["acc1"] - final["val_zeroshot_digits_acc1"]) <= 1 / 360 + 1e-9
+    assert abs(result["metrics"]["acc1"] - final["val/zeroshot/digits/acc1"]) <= 1 / 360 + 1e-9
     # exported in open_clip's format, it loads in open_clip itself
     weights, config = export(resolved, "open_clip", tmp_path / "clip.bin")
     open_clip.add_model_config(str(config))

@@ -16,10 +16,11 @@ from PIL import Image
 from webdataset import TarWriter
 
 from pipeline.config import ContrastiveSection, DataSection, ModelSection
+from pipeline.data import reasons
 from pipeline.data.image_text import image_text_loader
 from pipeline.data.mixing import MixedStream, SourceMix
 from pipeline.data.shards import Shard, resolve_shards
-from pipeline.models.clip import CLIP_CONFIG_DIR, build_clip, clip_param_groups, get_tokenizer
+from pipeline.models.clip import CLIP_CONFIG_DIR, build_clip, get_tokenizer
 from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_loss
 
 DATA = DataSection(image_size_px=32, val_crop_pct=1.0, num_workers_per_rank=0, shuffle_buffer=8)
@@ -64,16 +65,17 @@ def test_img2dataset_shards_read_with_bad_samples_skipped_and_counted(tmp_path):
     loader = image_text_loader([resolve_shards(str(tmp_path))], DATA, tokenizer, rank=0, world_size=1, seed=0,
                                training=False, batch_size=16)
     images, texts, skipped = [], [], Counter()
-    for (pixels, tokens), reasons in loader:
+    for item in loader:
+        pixels, tokens = item.batch
         images.append(pixels)
         texts.append(tokens)
-        skipped.update(reasons)
+        skipped.update(item.skips)
     tokens = torch.cat(texts)
     assert torch.cat(images).shape == (6, 3, 32, 32) and tokens.shape == (6, 32)
     assert torch.equal(tokens[0], tokenizer(["a photo number 0"])[0])
     assert torch.equal(tokens[5], tokenizer(["caption only in the json"])[0])
-    assert skipped == {"no caption": 1, "empty caption": 1, "corrupt image (UnidentifiedImageError)": 1,
-                       "no image": 1}
+    assert skipped == {reasons.NO_CAPTION: 1, reasons.EMPTY_CAPTION: 1, reasons.CORRUPT_IMAGE: 1,
+                       reasons.NO_IMAGE: 1}
 
 
 def test_weighted_mixing_draws_sources_in_proportion_and_each_source_once_per_epoch():
@@ -106,10 +108,10 @@ def test_mixed_stream_reads_shards_by_weight_and_resumes_at_the_next_batch(tmp_p
         return [next(it) for _ in range(4)]
 
     run = batches(0)
-    names = Counter(name for batch, _, _ in run for name in batch)
+    names = Counter(name for item in run for name in item.batch)
     assert 0.65 < names["small"] / 80 < 0.85  # weights 1:3 although 'small' holds 1/5 of the samples
-    resumed = batches(run[1][2].offset)
-    assert [b for b, _, _ in resumed[:2]] == [b for b, _, _ in run[2:]]
+    resumed = batches(run[1].position.offset)
+    assert [item.batch for item in resumed[:2]] == [item.batch for item in run[2:]]
 
 
 def _train_steps(model, steps: int = 3) -> None:
@@ -166,6 +168,14 @@ def open_clip_train_groups(model: torch.nn.Module) -> tuple[set[str], set[str]]:
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or 'logit_scale' in n  # noqa: E731
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {n for n, p in named if not exclude(n, p)}, {n for n, p in named if exclude(n, p)}
+
+
+def clip_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The groups the trainer builds for a CLIP model: the clip family's weight-decay rule (Task.param_groups)."""
+    from pipeline import families
+    from pipeline.optim import param_groups
+
+    return param_groups(model, weight_decay, exempt=families.get("clip").no_weight_decay)
 
 
 def our_groups(model: torch.nn.Module, weight_decay: float = 0.2) -> tuple[set[str], set[str]]:

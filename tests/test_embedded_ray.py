@@ -87,11 +87,17 @@ def _pretrain(digits_root: Path, out: Path, ray_tmpdir: Path) -> subprocess.Comp
     return _run(["-m", "launch", "pretrain", "--config", SMOKE, *sets], ray_tmpdir, out.parent, timeout=480)
 
 
-def _assert_clean(result: subprocess.CompletedProcess) -> None:
+def _assert_clean(result: subprocess.CompletedProcess, run_log: Path | None = None) -> None:
+    """Exit 0, and no sign of a foreign cluster in the console or (a run's) log of all that Ray printed."""
     console = result.stdout + result.stderr
     assert result.returncode == 0, console[-4000:]
-    found = [marker for marker in RAY_FAILURES if marker in console]
-    assert not found, f"{found} in the console:\n{console[-6000:]}"
+    for where, text in (("console", console), (str(run_log), run_log.read_text() if run_log else "")):
+        found = [marker for marker in RAY_FAILURES if marker in text]
+        assert not found, f"{found} in the {where}:\n{text[-6000:]}"
+
+
+def _run_log(out: Path) -> Path:
+    return out / "embedded" / "logs" / "output.log"  # launch/console.py RUN_LOG
 
 
 def _jobs_on(cluster) -> str:
@@ -111,7 +117,7 @@ def test_data_prep_beside_another_running_cluster(other_cluster, image_tree, tmp
 def test_pretrain_beside_another_running_cluster(other_cluster, digits_root, tmp_path):
     before = _jobs_on(other_cluster)
     result = _pretrain(digits_root, tmp_path / "runs", Path(other_cluster.root))
-    _assert_clean(result)
+    _assert_clean(result, _run_log(tmp_path / "runs"))
     assert "[launch] done: step 2" in result.stdout
     assert _jobs_on(other_cluster) == before
 
@@ -123,5 +129,10 @@ def test_data_prep_with_a_stale_session_pointer(stale_pointer, image_tree, tmp_p
 
 def test_pretrain_with_a_stale_session_pointer(stale_pointer, digits_root, tmp_path):
     result = _pretrain(digits_root, tmp_path / "runs", stale_pointer)
-    _assert_clean(result)
+    _assert_clean(result, _run_log(tmp_path / "runs"))
     assert "[launch] done: step 2" in result.stdout
+    # The console holds our lines; Ray Train's line per report and DeepSpeed's notices go to the run's log.
+    console, log = result.stdout + result.stderr, _run_log(tmp_path / "runs").read_text()
+    for noise in ("Reporting training result", "Setting accelerator to CPU"):
+        assert noise in log and noise not in console, noise
+    assert "[pretrain] 1 rank(s) on cpu" in console and "[pretrain] 1 rank(s) on cpu" in log

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
+from pipeline.data import reasons
 from pipeline.evaluation import datasets
 from pipeline.evaluation.linear_probe import fit_and_score
 from pipeline.evaluation.linear_probe_adamw import (FIRST_INDICES, WEIGHT_DECAYS, fit_and_score_adamw,
                                                     train_probe, tune_weight_decay)
 from pipeline.evaluation.resolver import resolve
 from pipeline.evaluation.retrieval import recall_metrics
-from pipeline.evaluation.tasks import EvalOptions, _zero_shot_prompts, evaluate, write_result
+from pipeline.evaluation.tasks import EvalOptions, dataset_zero_shot_prompts, evaluate, write_result
 from test_evaluation_helpers import (labelled_samples, random_images, register_tiny_clip, tiny_clip,
                                      write_shards)
 
@@ -93,7 +94,7 @@ def test_zero_shot_matches_clip_benchmark(tmp_path, clip_weights):
 
 
 def test_zero_shot_falls_back_to_imagenet_metadata(tmp_path):
-    classnames, templates, info = _zero_shot_prompts(tmp_path, "test")
+    classnames, templates, info = dataset_zero_shot_prompts(tmp_path, "test")
     assert len(classnames) == 1000 and classnames[0] == "tench"
     assert len(templates) == 80 and callable(templates[0])
     assert info == {"classnames": "imagenet", "templates": "openai_imagenet", "num_classes": 1000,
@@ -113,7 +114,7 @@ def test_bad_samples_are_counted_not_fatal(tmp_path, clip_weights):
     options = EvalOptions(batch_size=16, num_workers=2, device="cpu")
     result = evaluate("zeroshot", resolve(str(weights), name), data, options)
     assert result["metrics"]["num_samples"] == 8
-    assert result["metrics"]["num_skipped"] == {"cls not an integer": 1, "no image": 1, "undecodable png": 1}
+    assert result["metrics"]["num_skipped"] == {reasons.BAD_LABEL: 1, reasons.NO_IMAGE: 1, reasons.CORRUPT_IMAGE: 1}
     assert result["metrics"]["acc5"] is None  # fewer than 5 classes, as CLIP_benchmark (NaN there)
     write_result(result, tmp_path / "out.json")
     assert json.loads((tmp_path / "out.json").read_text())["metrics"]["acc5"] is None
@@ -309,6 +310,22 @@ def test_classify_on_a_model_with_known_output(tmp_path):
     assert result["task"] == "classification"
 
 
+def test_topk_counts_k_past_the_number_of_classes_as_correct():
+    """Training validation and every evaluator count top-k with one function; k past the classes is clamped
+    (timm's rule): each row is correct there. Hand-computed on 3 classes."""
+    from pipeline.evaluation.metrics import classification_metrics, topk_accuracy, topk_correct
+
+    logits = torch.tensor([[0.1, 0.7, 0.2],     # ranking 1, 2, 0; target 1: top-1
+                           [0.9, 0.04, 0.06],   # ranking 0, 2, 1; target 2: top-2
+                           [0.3, 0.25, 0.45],   # ranking 2, 0, 1; target 0: top-2
+                           [0.2, 0.5, 0.3]])    # ranking 1, 2, 0; target 0: top-3 only
+    targets = torch.tensor([1, 2, 0, 0])
+    assert topk_correct(logits, targets, (1, 2, 3, 5, 100)) == {1: 1, 2: 3, 3: 4, 5: 4, 100: 4}
+    assert topk_accuracy(logits, targets, 1) == 0.25 and topk_accuracy(logits, targets, 5) == 1.0
+    # launch eval's files follow CLIP_benchmark instead: no acc5 below 5 classes (NaN there, null here)
+    assert classification_metrics(logits, targets)["acc5"] is None
+
+
 def test_result_records_provenance(tmp_path, clip_weights):
     name, weights = clip_weights
     data = tmp_path / "toy"
@@ -339,14 +356,14 @@ def test_task_needs_the_right_model_kind(tmp_path):
 def test_classifier_equals_open_clip_builder_with_callable_templates(clip_weights):
     from open_clip import OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 
-    from pipeline.evaluation.zero_shot import build_classifier, render_prompts
+    from pipeline.evaluation.zero_shot import build_zeroshot_head, render_prompts
 
     name, weights = clip_weights
     resolved = resolve(str(weights), name)
     templates = OPENAI_IMAGENET_TEMPLATES[:7]
     assert render_prompts("goldfish", templates)[0] == templates[0]("goldfish")
     assert render_prompts("goldfish", ["a {c}."]) == ["a goldfish."]
-    ours = build_classifier(resolved.model, resolved.tokenizer, CLASSNAMES, templates, torch.device("cpu"),
+    ours = build_zeroshot_head(resolved.model, resolved.tokenizer, CLASSNAMES, templates, torch.device("cpu"),
                             prompts_per_forward=20)  # 2 classes per forward: batching must not matter
     theirs = build_zero_shot_classifier(resolved.model, resolved.tokenizer, CLASSNAMES, templates)
     assert ours.shape == (32, len(CLASSNAMES)) and torch.allclose(ours, theirs, atol=1e-5)

@@ -71,13 +71,13 @@ def _classifier_config() -> dict:
 
 
 def test_run_dir_resolves_to_latest_complete_checkpoint(tmp_path):
-    from pipeline.models import build_model
+    from pipeline import families
 
     cfg = Config.from_dict(_classifier_config())
     states = {}
     for step in (100, 200):
         torch.manual_seed(step)
-        states[step] = build_model(cfg.model, num_classes=5).state_dict()
+        states[step] = families.get(cfg.model.kind).build(cfg, 5).state_dict()
         write_our_checkpoint(tmp_path / "run", step, states[step], _classifier_config())
     # A newer write that never finished (no meta.json) must be ignored.
     write_our_checkpoint(tmp_path / "run", 300, states[200], _classifier_config(), complete=False)
@@ -95,7 +95,7 @@ def test_run_dir_resolves_to_latest_complete_checkpoint(tmp_path):
 @pytest.mark.parametrize("ref, model, message", [
     ("missing.pt", None, "no such checkpoint"),
     ("weights.pt", None, "needs --model"),
-    ("weights.pt", "no-such-architecture", "not an open_clip model"),
+    ("weights.pt", "no-such-architecture", "not an architecture of open_clip"),
     ("weights.txt", "test_resnet", "unknown weights file type"),
     (".", None, "not a run directory"),
 ])
@@ -123,7 +123,7 @@ def test_library_lookup(tmp_path, clip_name):
 
 
 def test_corrupt_weights_file_is_called_corrupt(tmp_path):
-    from pipeline.checkpoint import load_weights_file
+    from pipeline.remote_refs import load_weights_file
 
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage" * 10)

@@ -70,10 +70,10 @@ def test_safetensors_export_resolves_without_model_name(tmp_path, clip_file):
 def _our_run(tmp_path, model_name: str, step: int = 40):
     raw = Config.from_dict({"data": {"train": "unused", "num_classes": 5, "image_size_px": 32},
                             "model": {"name": model_name}}).to_dict()
-    from pipeline.models import build_model
+    from pipeline import families
 
     torch.manual_seed(step)
-    model = build_model(Config.from_dict(raw).model, num_classes=5)
+    model = families.get("classifier").build(Config.from_dict(raw), 5)
     write_our_checkpoint(tmp_path / "run", step, model.state_dict(), raw)
     return tmp_path / "run", model.eval()
 
@@ -106,9 +106,3 @@ def test_our_own_architecture_exports_to_timm_and_safetensors(tmp_path):
     assert (again.step, again.model_name, again.source) == (70, "resnet_nano", "export")
     assert again.content_sha256 == resolved.content_sha256 == state_dict_sha256(model.state_dict())
 
-
-def test_cli_export_formats_match_the_exporters():
-    from launch.export_cmd import EXPORT_FORMATS
-    from pipeline.evaluation.export import EXPORTERS
-
-    assert sorted(EXPORT_FORMATS) == sorted(EXPORTERS)

@@ -20,14 +20,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.reader import SkipSample
+from pipeline.data import reasons
+from pipeline.data.reasons import SkipSample
 from pipeline.data.shards import Shard, resolve_shards
 from pipeline.data.stream import EpochLayout, Position, ResumableStream
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CLIP = str(REPO / "configs" / "smoke_clip.yaml")
-CORRUPT = "corrupt image (UnidentifiedImageError)"
-EMPTY = "empty caption"
+CORRUPT = reasons.CORRUPT_IMAGE
+EMPTY = reasons.EMPTY_CAPTION
 
 
 def png(index: int, size: int = 32) -> bytes:
@@ -89,10 +90,10 @@ def run_ranks(shards, world: int, batch: int, workers: int, start: Position = Po
             stream = ResumableStream(shards, rank, world, batch, key_or_skip, seed=seed, shuffle_window=window,
                                      start=start, collate=list)
             out = []
-            for keys, skipped, position in training_batches(stream, workers, exchange.for_rank(rank)):
-                if position.epoch != start.epoch or (max_batches is not None and len(out) == max_batches):
+            for item in training_batches(stream, workers, exchange.for_rank(rank)):
+                if item.position.epoch != start.epoch or (max_batches is not None and len(out) == max_batches):
                     break
-                out.append((keys, skipped, position))
+                out.append((item.batch, item.skips, item.position))
             results[rank] = out
         except Exception as err:  # noqa: BLE001 - re-raised in the test thread
             errors.append(err)
@@ -210,11 +211,11 @@ def test_two_rank_clip_run_with_skips_in_one_rank_stays_full_and_exact(ray_sessi
     final = run_on_ray(cfg, address=None)
     assert final, "training failed"
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = {r["step"]: r for r in rows if "loss" in r}
+    train = {r["step"]: r for r in rows if "train/loss" in r}
     assert sorted(train) == [1, 2, 3]
-    assert train[1]["skipped_samples"] == {CORRUPT: 3, EMPTY: 1}
-    assert train[2]["skipped_samples"] == {EMPTY: 1}
-    assert "skipped_samples" not in train[3]
+    assert train[1]["train/skipped_samples"] == {CORRUPT: 3, EMPTY: 1}
+    assert train[2]["train/skipped_samples"] == {EMPTY: 1}
+    assert "train/skipped_samples" not in train[3]
 
     # Step 1 used positions 0-15 less the three bad ones, then spares from the end of the epoch:
     # total-1 (corrupt), total-2, total-3, then total-4 in the second round.
@@ -222,7 +223,7 @@ def test_two_rank_clip_run_with_skips_in_one_rank_stays_full_and_exact(ray_sessi
     numbers = [shard * per_shard + index for shard, index in (shard_of(shards, layout, p) for p in used)]
     assert len(numbers) == 16
     expected = single_process_clip_loss(cfg, numbers)
-    assert train[1]["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert train[1]["train/loss"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
 def single_process_clip_loss(cfg, numbers: list[int]) -> float:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from launch.prepare import write_run_record
 from launch.pretrain import prepared_config, run_on_ray
 from pipeline import checkpoint
+from pipeline.data import reasons
 from pipeline.data.shards import resolve_shards
 from pipeline.data.stream import EvalStream, Position, ResumableStream
 
@@ -33,12 +34,12 @@ def consume(shards, world: int, batch: int, workers: int, start: Position, stop_
         stream = ResumableStream(shards, rank, world, batch, key_of, seed=3, shuffle_window=256, start=start,
                                  collate=list)
         keys[rank] = []
-        for items, _, position in DataLoader(stream, batch_size=None, num_workers=workers):
-            if position.epoch != start.epoch:
+        for item in DataLoader(stream, batch_size=None, num_workers=workers):
+            if item.position.epoch != start.epoch:
                 break
-            keys[rank].extend(items)
-            last = position
-            if stop_offset is not None and position.offset >= stop_offset:
+            keys[rank].extend(item.batch)
+            last = item.position
+            if stop_offset is not None and item.position.offset >= stop_offset:
                 break
     return keys, last
 
@@ -77,7 +78,7 @@ def test_evaluation_stream_reads_every_sample_once(digits_root):
     seen = []
     for rank in range(3):
         stream = EvalStream(shards, rank, 3, 50, key_of, collate=list)
-        seen += [k for items, _ in DataLoader(stream, batch_size=None, num_workers=2) for k in items]
+        seen += [k for item in DataLoader(stream, batch_size=None, num_workers=2) for k in item.batch]
     assert len(seen) == len(set(seen)) == 360
 
 
@@ -194,11 +195,11 @@ def test_corrupt_samples_are_skipped_and_counted_once(tmp_path):
     data = DataSection(train=str(path), image_size_px=16, num_workers_per_rank=2)
     skipped, samples = collections.Counter(), 0
     for rank in range(2):
-        for (images, labels), reasons in labelled_loader(shards, data, rank, 2, 0, training=False, batch_size=3):
-            skipped.update(reasons)
-            samples += len(labels)
+        for item in labelled_loader(shards, data, rank, 2, 0, training=False, batch_size=3):
+            skipped.update(item.skips)
+            samples += len(item.batch[1]) if item.batch is not None else 0
     assert samples == 35
-    assert skipped == {"corrupt image (UnidentifiedImageError)": 4, "bad label": 1}
+    assert skipped == {reasons.CORRUPT_IMAGE: 4, reasons.BAD_LABEL: 1}
     # training, the two ranks as threads exchanging their shortfalls as a process group would: every
     # micro-batch is topped up to 4 samples from spares at the epoch's end (pipeline/data/full_batches.py),
     # and each sample the first epoch read is trained on or counted once with its reason
@@ -211,11 +212,11 @@ def test_corrupt_samples_are_skipped_and_counted_once(tmp_path):
 
     def train_epoch(rank: int) -> None:
         out = []
-        for (_, labels), reasons, position in labelled_loader(shards, data, rank, 2, 0, training=True, batch_size=4,
-                                                              exchange=exchange.for_rank(rank)):
-            if position.epoch:
+        for item in labelled_loader(shards, data, rank, 2, 0, training=True, batch_size=4,
+                                    exchange=exchange.for_rank(rank)):
+            if item.position.epoch:
                 break
-            out.append((len(labels), reasons, position))
+            out.append((len(item.batch[1]), item.skips, item.position))
         runs[rank] = out
 
     threads = [threading.Thread(target=train_epoch, args=(rank,)) for rank in range(2)]
@@ -225,8 +226,8 @@ def test_corrupt_samples_are_skipped_and_counted_once(tmp_path):
     last = runs[0][-1][2]
     layout = EpochLayout(shards, 0, 0, True, data.shuffle_buffer)
     read = [layout.locate(p)[1] for p in [*range(last.offset), *range(40 - last.spares, 40)]]
-    expected = collections.Counter("bad label" if i == 25 else "corrupt image (UnidentifiedImageError)"
+    expected = collections.Counter(reasons.BAD_LABEL if i == 25 else reasons.CORRUPT_IMAGE
                                    for i in read if i in (3, 18, 19, 20, 25))
-    skipped = sum((reasons for run in runs for _, reasons, _ in run), collections.Counter())
+    skipped = sum((skips for run in runs for _, skips, _ in run), collections.Counter())
     assert skipped == expected and sum(expected.values()) >= 3
     assert 4 * 2 * len(runs[0]) + sum(skipped.values()) == len(read)

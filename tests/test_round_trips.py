@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from launch.cli import main as launch_main
-from launch.export_cmd import EXPORT_FORMATS
 from pipeline.config import Config
+from pipeline.evaluation.export import export_formats
 from test_evaluation_helpers import write_our_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,18 +40,19 @@ def _digits_config(digits_root: Path, kind: str, name: str) -> dict:
 
 
 def _train_nano(raw: dict, digits_root: Path) -> dict[str, torch.Tensor]:
+    from pipeline.data.eval_batches import labelled_batches
     from pipeline.data.labelled import eval_transform
     from pipeline.evaluation import datasets
-    from pipeline.models import build_model
+    from pipeline import families
 
     cfg = Config.from_dict(raw)
     torch.manual_seed(0)
-    model = build_model(cfg.model, num_classes=10)
+    model = families.get(cfg.model.kind).build(cfg, 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    shards = datasets.find_shards(digits_root / "labelled", "train")
+    shards = datasets.split_shards(digits_root / "labelled", "train")
     for _ in range(2):
-        for batch in datasets.labelled_batches(shards, eval_transform(cfg.data), 64, 0):
-            loss = torch.nn.functional.cross_entropy(model(batch.images), batch.labels)
+        for item in labelled_batches(shards, eval_transform(cfg.data), 64, 0):
+            loss = torch.nn.functional.cross_entropy(model(item.batch.images), item.batch.labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -113,7 +114,7 @@ ROUND_TRIPS = [
 
 
 def test_round_trips_cover_every_export_format():
-    assert {fmt for _, fmt, _, _ in ROUND_TRIPS} == set(EXPORT_FORMATS)
+    assert {fmt for _, fmt, _, _ in ROUND_TRIPS} == set(export_formats())
 
 
 @pytest.mark.parametrize("kind, fmt, filename, model", ROUND_TRIPS,
@@ -207,13 +208,13 @@ def _report_run_dir(root: Path) -> Path:
     (run_dir / "eval").mkdir(parents=True)
     rows = []
     for step in range(10, 70, 10):
-        row = {"step": step, "loss": 2.0 / step, "lr": 0.1}
+        row = {"step": step, "train/loss": 2.0 / step, "train/lr": 0.1}
         if step % 20 == 0:
             # At step 60 validation scored 352 of its 360 samples (a shortfall the counts table shows).
-            row.update(val_top1=0.5 + step / 200, val_loss=1.0, val_samples=360 if step < 60 else 352,
-                       val_num_classes=10,
-                       val_zeroshot_digits_acc1=0.4 + step / 300, val_zeroshot_digits_samples=360,
-                       val_zeroshot_digits_num_classes=10, val_expected_samples=360)
+            row.update({"val/top1": 0.5 + step / 200, "val/loss": 1.0, "val/samples": 360 if step < 60 else 352,
+                        "val/num_classes": 10,
+                        "val/zeroshot/digits/acc1": 0.4 + step / 300, "val/zeroshot/digits/samples": 360,
+                        "val/zeroshot/digits/num_classes": 10, "val/expected_samples": 360})
         rows.append(row)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for step, acc in ((20, 0.61), (60, 0.83)):
@@ -225,8 +226,8 @@ def _report_run_dir(root: Path) -> Path:
     return run_dir
 
 
-COUNTS = {"val_samples", "val_num_classes", "val_zeroshot_digits_samples", "val_zeroshot_digits_num_classes",
-          "val_expected_samples", "num_samples", "num_classes", "num_templates"}
+COUNTS = {"val/samples", "val/num_classes", "val/zeroshot/digits/samples", "val/zeroshot/digits/num_classes",
+          "val/expected_samples", "num_samples", "num_classes", "num_templates"}
 
 
 def test_report_series_selection_keeps_counts_off_the_plots(tmp_path):
@@ -235,10 +236,10 @@ def test_report_series_selection_keeps_counts_off_the_plots(tmp_path):
 
     record = load_run(_report_run_dir(tmp_path))
     plotted = {key for _, keys in plots.eval_metric_groups(record.rows).values() for key in keys}
-    assert plotted == {"val_top1", "val_zeroshot_digits_acc1"}
+    assert plotted == {"val/top1", "val/zeroshot/digits/acc1"}
     (metrics,) = plots.eval_result_series(record).values()
-    assert set(metrics) == {"acc1", "acc5", "mean_per_class_recall"}
-    assert not COUNTS & (plotted | set(metrics))
+    assert set(metrics) == {"eval/digits/acc1", "eval/digits/acc5", "eval/digits/mean_per_class_recall"}
+    assert not {f"eval/digits/{key}" for key in COUNTS} & set(metrics) and not COUNTS & plotted
 
 
 def test_report_tables_the_counts(tmp_path):
@@ -246,15 +247,15 @@ def test_report_tables_the_counts(tmp_path):
 
     report = write_report(_report_run_dir(tmp_path))
     drawn = {key for plot in report.plots for key in plot.keys}
-    assert not COUNTS & drawn
+    assert not (COUNTS | {f"eval/digits/{key}" for key in COUNTS}) & drawn
     markdown = report.markdown.read_text()
     section = markdown.split("## Sample and class counts", 1)[1].split("\n## ", 1)[0]
     header = next(line for line in section.splitlines() if line.startswith("| steps"))
-    for key in ("val_samples", "val_num_classes", "val_zeroshot_digits_samples", "val_expected_samples"):
+    for key in ("val/samples", "val/num_classes", "val/zeroshot/digits/samples", "val/expected_samples"):
         assert key in header, header
     # Evaluations with the same counts share a row; the shortfall at step 60 gets its own.
     assert "| 20-40 | 360 | 10 | 360 | 10 | 360 |" in section, section
     assert "| 60 | 352 | 10 | 360 | 10 | 360 |" in section, section
-    assert "val_num_classes" in report.html.read_text()
+    assert "val/num_classes" in report.html.read_text()
     # The eval results' counts stay in their own table (num_templates beside acc1), off the axis.
     assert "num_templates" in markdown.split("## Eval: zeroshot_classification", 1)[1]

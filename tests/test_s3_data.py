@@ -18,7 +18,8 @@ from data_prep.manifest import build_manifest, write_dataset_metadata
 from data_prep.writer import Sample, write_shards
 from pipeline import storage
 from pipeline.data.shards import read_manifest, resolve_shards
-from pipeline.data.stream import EvalStream, Position, ResumableStream, TarSamples
+from pipeline.data.reader import TarSamples
+from pipeline.data.stream import EvalStream, Position, ResumableStream
 from pipeline.data.tar_index import cache_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def local_shards(tmp_path_factory) -> Path:
 def _keys(shards, rank: int, world: int, batches: int, start: Position = Position()) -> list[list[str]]:
     stream = ResumableStream(shards, rank, world, 4, lambda raw: raw["__key__"] + raw["jpg"][-8:].hex(), seed=3,
                              shuffle_window=16, start=start, collate=list)
-    return [batch for batch, _, _ in itertools.islice(iter(stream), batches)]
+    return [item.batch for item in itertools.islice(iter(stream), batches)]
 
 
 def test_stream_over_s3_is_the_local_stream(local_shards, s3_bucket, tmp_path, monkeypatch):
@@ -73,7 +74,7 @@ def test_stream_over_s3_is_the_local_stream(local_shards, s3_bucket, tmp_path, m
     # data-prep's sidecars served the index: nothing scanned, and the index still cached locally.
     assert len(list((tmp_path / "cache" / "tar_index").glob("*.json"))) == NUM_SHARDS
     # Evaluation reads the same way.
-    eval_keys = [k for batch, _ in EvalStream(remote, 0, 1, 5, lambda raw: raw["__key__"], collate=list) for k in batch]
+    eval_keys = [k for item in EvalStream(remote, 0, 1, 5, lambda raw: raw["__key__"], collate=list) for k in item.batch]
     assert eval_keys == [f"s{i:04d}" for i in range(NUM_SHARDS * PER_SHARD)]
 
 
@@ -151,8 +152,8 @@ def test_data_prep_to_a_bucket_and_rerun_after_a_kill(s3_bucket, tmp_path, monke
     assert "(1 partitions run" in capsys.readouterr().out
     again = read_manifest(url)
     assert again["shards"] == first["shards"]  # byte-identical shards (same sha256)
-    keys = [k for batch, _ in EvalStream(resolve_shards(url), 0, 1, 4, lambda raw: raw["txt"], collate=list)
-            for k in batch]
+    keys = [k for item in EvalStream(resolve_shards(url), 0, 1, 4, lambda raw: raw["txt"], collate=list)
+            for k in item.batch]
     assert sorted(keys) == sorted(f"caption {i}".encode() for i in range(10))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint, storage
+from pipeline import checkpoint, remote_refs, storage
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke_resnet.yaml")
@@ -234,7 +234,7 @@ def test_eval_export_and_report_read_the_bucket(resumed_run, digits_root, tmp_pa
 
 
 def test_sigterm_puts_the_preemption_checkpoint_in_the_bucket_before_the_exit(bucket, digits_root, tmp_path):
-    from pipeline.run_mirror import staging_dir
+    from pipeline.storage import staging_dir
 
     out, cache, steps = f"{bucket}/preempt", tmp_path / "cache", 40
     run_url = f"{out}/preempted"
@@ -347,7 +347,7 @@ def test_pretrained_weights_come_from_the_bucket(s3_bucket, tmp_path, monkeypatc
     url = f"{s3_bucket}/weights/w.safetensors"
     storage.upload(tmp_path / "w.safetensors", url)
     check_weights_file(url)
-    assert checkpoint.load_weights_file(url)["w"].equal(state["w"])
-    assert checkpoint.load_weights_file(url)["w"].equal(state["w"])  # the cached copy, still the same object
+    assert remote_refs.load_weights_file(url)["w"].equal(state["w"])
+    assert remote_refs.load_weights_file(url)["w"].equal(state["w"])  # the cached copy, still the same object
     with pytest.raises(ConfigError, match="model.pretrained_path: .*/weights/missing.pt: no such weights file"):
         check_weights_file(f"{s3_bucket}/weights/missing.pt")

@@ -87,12 +87,11 @@ def distinct_classes_per_global_batch(shards_dir: Path, data: DataSection, epoch
     def rank_loop(rank: int) -> None:
         out = []
         try:
-            for (_, batch_labels), _, position in labelled_loader(shards, data, rank, WORLD, seed=0, training=True,
-                                                                  batch_size=PER_RANK,
-                                                                  exchange=exchange.for_rank(rank)):
-                if position.epoch >= epochs:
+            for item in labelled_loader(shards, data, rank, WORLD, seed=0, training=True, batch_size=PER_RANK,
+                                        exchange=exchange.for_rank(rank)):
+                if item.position.epoch >= epochs:
                     break
-                out.append(batch_labels.tolist())
+                out.append(item.batch[1].tolist())
         except Exception:
             exchange.abort()  # a failed rank must not leave the other one waiting
             raise
@@ -155,6 +154,6 @@ def test_preflight_warns_in_one_line_when_blocks_cannot_mix(tarwriter_shards, da
 
 
 def _labels_of(path: str) -> list[int]:
-    from pipeline.data.reader import iter_tar_samples
+    from shard_helpers import shard_samples
 
-    return [int(raw["cls"]) for raw in iter_tar_samples([path], on_error=print)]
+    return [int(raw["cls"]) for raw in shard_samples(path)]

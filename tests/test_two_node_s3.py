@@ -43,7 +43,8 @@ def submit(cluster, job_id: str, overrides: dict) -> str:
 
 def test_two_nodes_checkpoint_to_a_bucket_and_resume_from_it(two_nodes_s3, digits_root, s3_bucket):
     from pipeline import storage
-    from pipeline.run_mirror import complete_steps, listing, remote_steps, url_digest
+    from pipeline.run_mirror import complete_steps, listing, remote_steps
+    from pipeline.storage import url_digest
 
     run_url = f"{s3_bucket}/runs/{RUN}"
     overrides = {

@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from pipeline.data.reader import SkipSample
+from pipeline.data import reasons
+from pipeline.data.reasons import SkipSample
 
 try:  # deprecated in torchvision 0.29 for TorchCodec; without it JPEGs decode through Pillow
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # pragma: no cover - depends on the torchvision build
     decode_jpeg = None
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 INTERPOLATIONS = ("bilinear", "bicubic")
 _DRAFT_SCALES = (8, 4, 2)
 _JPEG_FORMATS = ("JPEG", "MPO")  # MPO (phone cameras) is a JPEG stream first
@@ -78,8 +78,8 @@ class FastRandomResizedCrop:
             crop = self._decode_crop(image, data, top, left, height, width)
         except SkipSample:
             raise
-        except Exception as err:  # PIL and libjpeg raise many types for corrupt data
-            raise SkipSample(f"corrupt image ({type(err).__name__})") from None
+        except Exception:  # PIL and libjpeg raise many types for corrupt data
+            raise SkipSample(reasons.CORRUPT_IMAGE) from None
         if crop.shape[-2:] != (self.size_px, self.size_px):
             crop = F.interpolate(crop, size=(self.size_px, self.size_px), mode=self.interpolation,
                                  antialias=True, align_corners=False)
@@ -130,13 +130,6 @@ def fast_train_crop(data_cfg) -> FastRandomResizedCrop:
         raise ValueError(f"the fast decode path does not apply: {why_not}")
     return FastRandomResizedCrop(data_cfg.image_size_px, scale=(data_cfg.rrc_scale_min, 1.0),
                                  hflip_prob=data_cfg.hflip_prob, interpolation=data_cfg.interpolation)
-
-
-def image_bytes(raw: dict) -> bytes:
-    key = next((k for k in IMAGE_KEYS if k in raw), None)
-    if key is None:
-        raise SkipSample("no image")
-    return raw[key]
 
 
 class UInt8Collate:

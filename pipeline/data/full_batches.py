@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from pipeline.data.reader import SkipSample
-from pipeline.data.stream import Position, ResumableStream, ShortBatch, TarSamples, as_is
+from pipeline.data.reader import TarSamples, read_each
+from pipeline.data.stream import Position, ResumableStream, ShortBatch, StreamBatch, as_is
 
 Exchange = Callable[[int], list[int]]
 """all_gather of one int: this rank's value in, every rank's value (in rank order) out."""
@@ -44,7 +44,7 @@ def training_batches(stream: ResumableStream, num_workers: int, exchange: Exchan
 
 
 class FullBatches:
-    """Iterable of (batch, skipped reasons Counter, Position after the batch); every batch holds exactly
+    """Iterable of StreamBatch (batch, skips, Position after the batch); every batch holds exactly
     batch_size_per_rank samples."""
 
     def __init__(self, loader: Iterable, stream: ResumableStream, exchange: Exchange):
@@ -65,10 +65,11 @@ class _FullBatchIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[Any, collections.Counter, Position]:
+    def __next__(self) -> StreamBatch:
         global_batch = self.stream.global_batch
         while True:
-            batch, skipped, where = next(self.loader_iterator)
+            item = next(self.loader_iterator)
+            batch, skipped, where = item.batch, item.skips, item.position
             if where.epoch != self.epoch:
                 self.epoch, self.spares, self.epoch_ended = where.epoch, 0, False
             first, layout = where.offset - global_batch, self.stream.layout(where.epoch)
@@ -84,7 +85,7 @@ class _FullBatchIterator:
             if isinstance(batch, ShortBatch):
                 batch = self.stream.collate(list(batch) + extra)
             skipped.update(extra_skipped)
-            return batch, skipped, Position(where.epoch, where.offset, self.spares)
+            return StreamBatch(batch, skipped, Position(where.epoch, where.offset, self.spares))
 
     def _top_up(self, layout, first: int, short: int) -> tuple[list, collections.Counter, int] | None:
         """(spare samples for this rank, their skip reasons, spares used after this micro-batch), or None
@@ -100,13 +101,11 @@ class _FullBatchIterator:
             if first + stream.global_batch > layout.num_samples - spares - needed:
                 return None
             mine = spares + sum(shortfalls[:rank])
-            short = 0
-            for j in range(mine, mine + shortfalls[rank]):
-                try:
-                    extra.append(stream.read(layout, layout.num_samples - 1 - j, self.store))
-                except SkipSample as why:
-                    skipped.update([str(why)])
-                    short += 1
+            items, lost = read_each(lambda j: stream.read(layout, layout.num_samples - 1 - j, self.store),
+                                    range(mine, mine + shortfalls[rank]))
+            extra.extend(items)
+            skipped.update(lost)
+            short = sum(lost.values())
             spares += needed
 
 

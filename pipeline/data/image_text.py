@@ -10,38 +10,68 @@ import json
 from typing import Callable, Iterable
 
 import torch
-from torch.utils.data import DataLoader
 
+from pipeline.data import reasons
+from pipeline.data.fast_image import FastRandomResizedCrop, UInt8Collate, fast_path_supported, fast_train_crop
 from pipeline.data.full_batches import Exchange, training_batches
-from pipeline.data.labelled import decode_image, eval_transform, train_transform
+from pipeline.data.labelled import eval_transform, train_transform
 from pipeline.data.mixing import MixedStream
-from pipeline.data.fast_image import (FastRandomResizedCrop, UInt8Collate, fast_path_supported, fast_train_crop,
-                                      image_bytes)
-from pipeline.data.reader import SkipSample
+from pipeline.data.reader import decode_image, image_bytes
+from pipeline.data.reasons import SkipSample
 from pipeline.data.shards import Shard
-from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
+from pipeline.data.stream import EvalStream, Position, ResumableStream, eval_loader
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SkipSample(reasons.CAPTION_NOT_UTF8) from None
+
+
+def _json(data: bytes) -> dict:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise SkipSample(reasons.UNREADABLE_JSON) from None
+    if not isinstance(value, dict):
+        raise SkipSample(reasons.UNREADABLE_JSON)
+    return value
 
 
 def read_caption(raw: dict) -> str:
-    """The sample's caption; SkipSample with the reason when it has none."""
+    """The sample's caption (training shards: KEY.txt, else KEY.json's "caption"); SkipSample with the
+    reason when it has none."""
     if "txt" in raw:
-        try:
-            caption = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            raise SkipSample("caption not utf-8") from None
+        caption = _text(raw["txt"])
     elif "json" in raw:
-        try:
-            caption = json.loads(raw["json"]).get("caption")
-        except (ValueError, AttributeError):
-            raise SkipSample("no caption (unreadable json)") from None
+        caption = _json(raw["json"]).get("caption")
         if not isinstance(caption, str):
-            raise SkipSample("no caption")
+            raise SkipSample(reasons.NO_CAPTION)
     else:
-        raise SkipSample("no caption")
+        raise SkipSample(reasons.NO_CAPTION)
     caption = caption.strip()
     if not caption:
-        raise SkipSample("empty caption")
+        raise SkipSample(reasons.EMPTY_CAPTION)
     return caption
+
+
+def read_captions(raw: dict) -> list[str]:
+    """Every caption of a retrieval sample (CLIP_benchmark: one per line of KEY.txt; else KEY.json's
+    "captions" list), blank ones left out; SkipSample with the reason when none is left."""
+    if "txt" in raw:
+        captions = _text(raw["txt"]).splitlines()
+    elif "json" in raw:
+        captions = _json(raw["json"]).get("captions")
+        if not isinstance(captions, list):
+            raise SkipSample(reasons.NO_CAPTION)
+    else:
+        raise SkipSample(reasons.NO_CAPTION)
+    captions = [str(c).strip() for c in captions]
+    captions = [c for c in captions if c]
+    if not captions:
+        raise SkipSample(reasons.EMPTY_CAPTION)
+    return captions
 
 
 class FastDecodeImageText:
@@ -70,10 +100,10 @@ class DecodeImageText:
 def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable, rank: int, world_size: int,
                       seed: int, training: bool, batch_size: int, weights: tuple[float, ...] | None = None,
                       start: Position = Position(), exchange: Exchange | None = None) -> Iterable:
-    """Training: endless (batch, skipped, position) micro-batches, each exactly batch_size samples
-    (full_batches.py; `exchange` defaults to torch.distributed's), several weighted sources mixed per
-    sample (without weights all sources form one stream, each contributing by its size); evaluation:
-    (batch, skipped), every sample once. A batch is (images, token ids)."""
+    """StreamBatches of (images, token ids). Training: endless micro-batches, each exactly batch_size
+    samples (full_batches.py; `exchange` defaults to torch.distributed's), several weighted sources mixed
+    per sample (without weights all sources form one stream, each contributing by its size); evaluation:
+    every sample once across ranks (stream.EvalStream)."""
     workers = data_cfg.num_workers_per_rank
     if training:
         if data_cfg.fast_decode and fast_path_supported(data_cfg) is None:
@@ -92,7 +122,4 @@ def image_text_loader(sources: list[list[Shard]], data_cfg, tokenizer: Callable,
         return training_batches(stream, workers, exchange)
     decode = DecodeImageText(eval_transform(data_cfg), tokenizer)
     stream = EvalStream([s for source in sources for s in source], rank, world_size, batch_size, decode)
-    return DataLoader(
-        stream, batch_size=None, collate_fn=as_is, num_workers=workers, persistent_workers=False,
-        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-    )
+    return eval_loader(stream, workers)

@@ -1,44 +1,28 @@
 """Labelled image samples (image + cls): decode, timm transforms, loaders."""
 from __future__ import annotations
 
-import io
 from typing import Iterable
 
 import torch
-from PIL import Image
 from timm.data import create_transform
-from torch.utils.data import DataLoader
 
-from pipeline.data.fast_image import (FastRandomResizedCrop, UInt8Collate, fast_path_supported, fast_train_crop,
-                                      image_bytes)
+from pipeline.data import reasons
+from pipeline.data.fast_image import FastRandomResizedCrop, UInt8Collate, fast_path_supported, fast_train_crop
 from pipeline.data.full_batches import Exchange, training_batches
-from pipeline.data.reader import SkipSample
+from pipeline.data.reader import decode_image, image_bytes
+from pipeline.data.reasons import SkipSample
 from pipeline.data.shards import Shard
-from pipeline.data.stream import EvalStream, Position, ResumableStream, as_is
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-def decode_image(raw: dict) -> Image.Image:
-    key = next((k for k in IMAGE_KEYS if k in raw), None)
-    if key is None:
-        raise SkipSample("no image")
-    try:
-        image = Image.open(io.BytesIO(raw[key]))
-        image.load()
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise SkipSample(f"corrupt image ({type(err).__name__})") from None
-    return image.convert("RGB")
+from pipeline.data.stream import EvalStream, Position, ResumableStream, eval_loader
 
 
 def read_label(raw: dict) -> int:
     """The sample's class index; SkipSample with the reason when it has none."""
     if "cls" not in raw:
-        raise SkipSample("no label")
+        raise SkipSample(reasons.NO_LABEL)
     try:
         return int(raw["cls"].decode().strip())
     except ValueError:
-        raise SkipSample("bad label") from None
+        raise SkipSample(reasons.BAD_LABEL) from None
 
 
 class DecodeLabelled:
@@ -80,9 +64,9 @@ def eval_transform(data_cfg):
 
 def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, seed: int, training: bool,
                     batch_size: int, start: Position = Position(), exchange: Exchange | None = None) -> Iterable:
-    """Training: endless (batch, skipped, position) micro-batches, each exactly batch_size samples
-    (full_batches.py; `exchange` defaults to torch.distributed's); evaluation: (batch, skipped), each
-    sample once."""
+    """StreamBatches of (images, labels). Training: endless micro-batches, each exactly batch_size samples
+    (full_batches.py; `exchange` defaults to torch.distributed's); evaluation: each sample once across
+    ranks (stream.EvalStream)."""
     workers = data_cfg.num_workers_per_rank
     if training:
         if data_cfg.fast_decode and fast_path_supported(data_cfg) is None:
@@ -94,7 +78,4 @@ def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, s
                                  shuffle_block=data_cfg.shuffle_block)
         return training_batches(stream, workers, exchange)
     stream = EvalStream(shards, rank, world_size, batch_size, DecodeLabelled(eval_transform(data_cfg)))
-    return DataLoader(
-        stream, batch_size=None, collate_fn=as_is, num_workers=workers, persistent_workers=False,
-        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-    )
+    return eval_loader(stream, workers)

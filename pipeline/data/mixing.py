@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.data.shards import Shard
-from pipeline.data.stream import EpochLayout, Position, ResumableStream, _seed
+from pipeline.data.stream import EpochLayout, Position, ResumableStream, derived_seed
 
 BLOCK = 4096  # positions per source-assignment block: the mix is exact to one multinomial draw per block
 # Positions per segment: the mixed stream's stand-in for an epoch (full_batches.py takes spares from
@@ -50,7 +50,7 @@ class SourceMix:
         self._layouts: dict[int, EpochLayout] = {}
 
     def _counts(self, block: int) -> np.ndarray:
-        return np.random.default_rng(_seed(self.seed, block, 0x3D)).multinomial(BLOCK, self.probs)
+        return np.random.default_rng(derived_seed(self.seed, block, 0x3D)).multinomial(BLOCK, self.probs)
 
     def _block_starts(self, block: int) -> np.ndarray:
         """Samples each source gave to blocks before `block`, replayed from the nearest known block
@@ -72,7 +72,7 @@ class SourceMix:
         """(source of each position in the block, index in that source's stream)."""
         if self._block is None or self._block[0] != block:
             counts = self._counts(block)
-            ids = np.random.default_rng(_seed(self.seed, block, 0x4E)).permutation(
+            ids = np.random.default_rng(derived_seed(self.seed, block, 0x4E)).permutation(
                 np.repeat(np.arange(len(self.sources)), counts))
             index = np.empty(BLOCK, dtype=np.int64)
             starts = self._block_starts(block)
@@ -112,7 +112,7 @@ class MixedSegment:
 
 
 class MixedStream(ResumableStream):
-    """Yields (batch, skipped reasons Counter, Position after this micro-batch), like ResumableStream.
+    """Yields a StreamBatch per micro-batch (batch, skips, Position after it), like ResumableStream.
 
     The endless mixed stream is cut into segments of SEGMENT positions that play the part of epochs:
     Position(segment, offset in it, spares used from its end)."""

@@ -121,6 +121,13 @@ def _known_counts(folder: str) -> dict[str, int]:
     return {}
 
 
+def unreadable_shard(path: str, err: Exception) -> ValueError:
+    """The one-line error for a shard that is not a readable tar, saying whether it looks truncated."""
+    what = ("truncated" if "unexpected end of data" in str(err) else "corrupt or not a tar file")
+    return ValueError(f"{path}: not a readable tar shard ({what}: {type(err).__name__}: {err}); "
+                      "re-create it or move it out of the folder")
+
+
 def count_samples(path: str) -> int:
     """Distinct sample keys in a tar (webdataset's key = path up to the first dot of the basename).
     A remote tar is read once, and its member index cached for the readers (tar_index.py)."""
@@ -130,7 +137,7 @@ def count_samples(path: str) -> int:
         try:
             return len({key for key, _ in read_index(path)})
         except (OSError, tarfile.TarError) as err:
-            raise ValueError(f"{path}: not a readable tar shard ({type(err).__name__}: {err})") from None
+            raise unreadable_shard(path, err) from None
     keys = set()
     try:
         with tarfile.open(path, "r|*") as tar:
@@ -139,5 +146,5 @@ def count_samples(path: str) -> int:
                     dirname, base = os.path.split(member.name)
                     keys.add(os.path.join(dirname, base.split(".", 1)[0]))
     except (OSError, tarfile.TarError) as err:
-        raise ValueError(f"{path}: not a readable tar shard ({type(err).__name__}: {err})") from None
+        raise unreadable_shard(path, err) from None
     return len(keys)

@@ -16,32 +16,29 @@ run continues at the exact next sample, with any world size (positions do not de
 of an epoch that cannot fill one more global micro-batch is not read, which keeps every rank at the
 same number of steps.
 
-Samples are read by their members' offsets (pipeline.data.tar_index): seeking in a local tar, one ranged
-request per sample on object storage, with the next micro-batch's requests started while the current one
-decodes (the positions a worker reads next are known). A reader touches only the bytes of its own samples.
+Evaluation (validation during training and `launch eval` alike) reads through EvalStream instead: every
+sample exactly once across ranks, in shard order, with the skipped ones counted by reason.
+
+Samples are read through pipeline.data.reader, by their members' offsets (pipeline.data.tar_index): seeking
+in a local tar, one ranged request per sample on object storage, with the next micro-batch's requests
+started while the current one decodes (the positions a worker reads next are known). A reader touches only
+the bytes of its own samples. Each stream yields a StreamBatch (batch, skips, position).
 """
 from __future__ import annotations
 
 import bisect
 import collections
 import random
-import tarfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline import storage
 from pipeline.data.permute import Permutation
-from pipeline.data.reader import SkipSample
+from pipeline.data.reader import TarSamples, read_each
 from pipeline.data.shards import Shard
-from pipeline.data.tar_index import Index, Members, read_index
-
-# Threads per loader worker that read remote samples ahead (one request each in flight); local shards
-# are read in place. 16 hides ~10-50 ms object-store latency behind decoding at a few hundred samples/s.
-PREFETCH_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -54,14 +51,42 @@ class Position:
     spares: int = 0
 
 
+@dataclass
+class StreamBatch:
+    """One micro-batch as a stream hands it over."""
+
+    batch: Any
+    """The collated samples; a ShortBatch (a list) from ResumableStream when some were skipped, None from
+    EvalStream when every sample of the batch was."""
+    skips: collections.Counter
+    """Reason (pipeline.data.reasons) -> samples of this micro-batch that were skipped."""
+    position: Position | None = None
+    """Training: where the stream stands after this micro-batch (saved in checkpoints); None in evaluation."""
+
+    def pin_memory(self) -> "StreamBatch":
+        """DataLoader(pin_memory=True) calls this: the batch's tensors are pinned, as in a plain tuple."""
+        return StreamBatch(_pinned(self.batch), self.skips, self.position)
+
+
+def _pinned(value):
+    if isinstance(value, torch.Tensor):
+        return value.pin_memory()
+    if isinstance(value, list):
+        return type(value)(_pinned(v) for v in value)  # a collated batch, or a ShortBatch of samples
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_pinned(v) for v in value)
+    return value
+
+
 def epoch_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
     order = list(shards)
     if shuffle:
-        random.Random(_seed(seed, epoch, 0x5A)).shuffle(order)
+        random.Random(derived_seed(seed, epoch, 0x5A)).shuffle(order)
     return order
 
 
-def _seed(*parts: int) -> int:
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed from integer parts (SeedSequence): every seeded draw of a stream derives from one."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
@@ -84,7 +109,7 @@ class EpochLayout:
         self.window = max(1, shuffle_window)
         self.block_size = max(1, block_size)
         num_blocks = -(-self.num_samples // self.block_size)
-        self.blocks = Permutation(num_blocks, _seed(seed, epoch, 0xB1)) if shuffle and num_blocks else None
+        self.blocks = Permutation(num_blocks, derived_seed(seed, epoch, 0xB1)) if shuffle and num_blocks else None
         # Where the last block, the only one that may be short, lands in the block order.
         self.last_size = self.num_samples - (num_blocks - 1) * self.block_size
         self.last_slot = int(self.blocks.inverse(num_blocks - 1)[0]) if self.blocks is not None else 0
@@ -96,7 +121,7 @@ class EpochLayout:
         if sources is None:
             first = window * self.window
             size = min(self.window, self.num_samples - first)
-            order = np.random.default_rng(_seed(self.seed, self.epoch, window, 0xC3)).permutation(size)
+            order = np.random.default_rng(derived_seed(self.seed, self.epoch, window, 0xC3)).permutation(size)
             sources = self._unblock(first + order)
             # Workers read windows in order; the training iterator's spares read the epoch's last ones.
             self._windows = {w: v for w, v in self._windows.items() if w == window - 1}
@@ -155,85 +180,6 @@ def mixing_shortfall(shuffle_window: int, shuffle_block: int, global_batch: int,
     return None
 
 
-class TarSamples:
-    """Random access to the samples of tar shards through their members' offsets (tar_index.py).
-
-    Local shards are read by seeking; remote ones (s3://, gs://, https://) by one ranged request per sample
-    (its members are consecutive in the tar). `prefetch` starts the requests of samples about to be read
-    on a small thread pool, so a loader worker decodes while the next samples are in flight instead of
-    waiting one request latency per sample."""
-
-    def __init__(self, max_open: int = 64, prefetch_threads: int = PREFETCH_THREADS):
-        self._index: dict[str, Index] = {}
-        self._files: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        self.max_open = max_open
-        self.prefetch_threads = prefetch_threads
-        self._pool = None
-        self._pending: dict[tuple[str, int], Any] = {}
-
-    def _file(self, path: str):
-        handle = self._files.pop(path, None) or open(path, "rb")
-        self._files[path] = handle
-        while len(self._files) > self.max_open:
-            self._files.popitem(last=False)[1].close()
-        return handle
-
-    def _members(self, path: str, index: int) -> tuple[str, Members]:
-        if path not in self._index:
-            try:
-                self._index[path] = read_index(path)
-            except (OSError, tarfile.TarError) as err:
-                self._index[path] = []
-                print(f"[data] unreadable shard {path}: {err}", flush=True)
-        samples = self._index[path]
-        if index >= len(samples):
-            raise SkipSample("sample missing from shard (unreadable tar or manifest count too large)")
-        return samples[index]
-
-    def _fetch(self, path: str, index: int) -> dict:
-        """One ranged request from the sample's first member to the end of its last."""
-        key, members = self._members(path, index)
-        start = min(offset for _, offset, _ in members) if members else 0
-        end = max(offset + size for _, offset, size in members) if members else 0
-        data = storage.read_bytes(path, start, end) if members else b""
-        raw: dict[str, Any] = {"__key__": key, "__url__": path}
-        for ext, offset, size in members:
-            raw[ext] = data[offset - start:offset - start + size]
-        return raw
-
-    def prefetch(self, locations: Iterable[tuple[str, int]]) -> None:
-        """Start reading these (shard, index) samples in the background (remote shards only)."""
-        if self.prefetch_threads < 1:
-            return
-        for location in locations:
-            if location in self._pending or not storage.is_remote(location[0]):
-                continue
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="tar-prefetch")
-            self._pending[location] = self._pool.submit(self._fetch, *location)
-
-    def read(self, path: str, index: int) -> dict:
-        future = self._pending.pop((path, index), None)
-        if future is not None:
-            try:
-                return future.result()
-            except SkipSample:
-                raise
-            except Exception:  # a failed background request gets one more, in the foreground
-                pass
-        if storage.is_remote(path):
-            return self._fetch(path, index)
-        key, members = self._members(path, index)
-        handle = self._file(path)
-        raw: dict[str, Any] = {"__key__": key, "__url__": path}
-        for ext, offset, size in members:
-            handle.seek(offset)
-            raw[ext] = handle.read(size)
-        return raw
-
-
 def as_is(item):
     """collate_fn for DataLoader(batch_size=None): the streams batch themselves. DataLoader's default
     (default_convert) would copy the skip Counter and then update() the copy with the same counts,
@@ -246,7 +192,7 @@ def seed_sample_rng(seed: int, epoch: int, position: int, all_devices: bool = Tr
 
     all_devices=False seeds the CPU generator only: loader workers draw nothing on a GPU, and
     torch.manual_seed's lazy CUDA seeding costs ~0.1 ms per call (it records a stack trace)."""
-    value = _seed(seed, epoch, position, 0x77)
+    value = derived_seed(seed, epoch, position, 0x77)
     random.seed(value)
     np.random.seed(value)
     if all_devices:
@@ -263,9 +209,9 @@ class ShortBatch(list):
 class ResumableStream(IterableDataset):
     """One rank's share of the global micro-batches (loader-worker side), from `start` on, forever.
 
-    Yields (batch, skipped reasons Counter, Position after this micro-batch): the collated batch when
-    every sample of the rank's slice decoded, else a ShortBatch of the samples that did. Training reads it
-    through full_batches.FullBatches, which tops short slices up so every rank's micro-batch is full."""
+    Yields a StreamBatch per micro-batch, positioned after it: the collated batch when every sample of the
+    rank's slice decoded, else a ShortBatch of the samples that did. Training reads it through
+    full_batches.FullBatches, which tops short slices up so every rank's micro-batch is full."""
 
     def __init__(self, shards: list[Shard], rank: int, world_size: int, batch_size_per_rank: int,
                  decode: Callable[[dict], Any], seed: int, shuffle_window: int, start: Position = Position(),
@@ -329,19 +275,20 @@ class ResumableStream(IterableDataset):
             upcoming = next(mine)  # endless: there is always a next micro-batch
             store.prefetch(self._locations(*upcoming))  # in flight while this one decodes
             begin = first + self.rank * self.batch_size
-            items, skipped = [], collections.Counter()
-            for position in range(begin, begin + self.batch_size):
-                try:
-                    items.append(self.read(layout, position, store))
-                except SkipSample as why:
-                    skipped.update([str(why)])
+            items, skipped = read_each(lambda position: self.read(layout, position, store),
+                                       range(begin, begin + self.batch_size))
             batch = self.collate(items) if len(items) == self.batch_size else ShortBatch(items)
             spares = self.start.spares if layout.epoch == self.start.epoch else 0
-            yield batch, skipped, Position(layout.epoch, first + self.global_batch, spares)
+            yield StreamBatch(batch, skipped, Position(layout.epoch, first + self.global_batch, spares))
 
 
 class EvalStream(IterableDataset):
-    """Every sample exactly once, in shard order: rank r takes batches r, r + world, ...; no padding."""
+    """Every sample exactly once, in shard order, for evaluation: rank r takes batches r, r + world, ...
+    of `batch_size` consecutive samples (the last one may be short); no padding, no shuffle.
+
+    Yields one StreamBatch per batch, with no position: the collated samples that decoded (None when none
+    did) and the reasons of those that did not, so every skip is counted even in a batch with nothing
+    to score. Loader worker w of W takes this rank's batches w, w + W, ..."""
 
     def __init__(self, shards: list[Shard], rank: int, world_size: int, batch_size: int,
                  decode: Callable[[dict], Any], collate: Callable[[list], Any] = torch.utils.data.default_collate):
@@ -349,35 +296,33 @@ class EvalStream(IterableDataset):
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.decode, self.collate = decode, collate
 
-    def _locations(self, begin: int) -> list[tuple[str, int]]:
-        return [self.layout.locate(p) for p in range(begin, min(begin + self.batch_size, self.layout.num_samples))]
+    def _batch_starts(self, worker: int = 0, workers: int = 1) -> list[int]:
+        """First positions of the batches a loader worker of this rank reads."""
+        mine = range(self.rank * self.batch_size, self.layout.num_samples, self.batch_size * self.world_size)
+        return [begin for k, begin in enumerate(mine) if k % workers == worker]
+
+    def _positions(self, begin: int) -> range:
+        return range(begin, min(begin + self.batch_size, self.layout.num_samples))
 
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         store = TarSamples()
-        mine = range(self.rank * self.batch_size, self.layout.num_samples, self.batch_size * self.world_size)
-        # One batch of lookahead: skips from a batch with nothing decodable ride on a neighbouring batch
-        # (the next one, or the previous one at the end), so every skip is counted. Only a worker whose
-        # every batch is undecodable has nothing to carry its count.
-        pending, ready = collections.Counter(), None
-        batches = [begin for k, begin in enumerate(mine) if k % workers == worker]
+        batches = self._batch_starts(worker, workers)
         if batches:
-            store.prefetch(self._locations(batches[0]))
+            store.prefetch(self.layout.locate(p) for p in self._positions(batches[0]))
         for j, begin in enumerate(batches):
             if j + 1 < len(batches):  # the next batch's requests run while this one decodes
-                store.prefetch(self._locations(batches[j + 1]))
-            items = []
-            for position in range(begin, min(begin + self.batch_size, self.layout.num_samples)):
-                try:
-                    items.append(self.decode(store.read(*self.layout.locate(position))))
-                except SkipSample as why:
-                    pending.update([str(why)])
-            if not items:
-                continue
-            if ready is not None:
-                yield ready
-            ready, pending = (self.collate(items), pending), collections.Counter()
-        if ready is not None:
-            ready[1].update(pending)
-            yield ready
+                store.prefetch(self.layout.locate(p) for p in self._positions(batches[j + 1]))
+            items, skipped = read_each(lambda position: self.decode(store.read(*self.layout.locate(position))),
+                                       self._positions(begin))
+            yield StreamBatch(self.collate(items) if items else None, skipped)
+
+
+def eval_loader(stream: EvalStream, num_workers: int) -> torch.utils.data.DataLoader:
+    """The DataLoader evaluation iterates: the stream's StreamBatches as they are, read by `num_workers`
+    processes (0: in this process)."""
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, collate_fn=as_is, num_workers=num_workers, persistent_workers=False,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
+    )

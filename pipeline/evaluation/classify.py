@@ -6,15 +6,16 @@ from typing import Iterable
 
 import torch
 
-from pipeline.evaluation.datasets import Batch
+from pipeline.data.stream import StreamBatch
 from pipeline.evaluation.metrics import classification_metrics
-from pipeline.evaluation.runtime import SkipTally, autocast
+from pipeline.evaluation.runtime import SkipTally
+from pipeline.precision import autocast
 
 
 @torch.no_grad()
 def evaluate_classifier(
     model: torch.nn.Module,
-    batches: Iterable[Batch],
+    batches: Iterable[StreamBatch],
     device: torch.device,
     total: int | None = None,
     amp: bool = False,

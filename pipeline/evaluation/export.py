@@ -7,6 +7,8 @@
                architectures (resnet_tiny, resnet_nano) after `import pipeline.models`, which registers them.
   safetensors  the weights plus the same record, for any architecture.
 
+The library formats are the model families' (pipeline.families: `library`, `export_files`).
+
 Every file records what it holds (architecture, the run's config, step, weights hash): as safetensors
 metadata, or in a .bin/.pt/.pth as {"state_dict": weights, "metadata": {...}}, the checkpoint layout
 timm's and open_clip's loaders unwrap themselves. So `launch eval` reads every export back without
@@ -16,17 +18,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
-import open_clip
-import timm
 import torch
 from safetensors.torch import save_file
 
+from pipeline import families
 from pipeline.evaluation.resolver import (META_CONFIG, META_LIBRARY, META_MODEL, META_RUN_CONFIG, META_STEP,
-                                          ResolvedModel, state_dict_sha256)
-
-_OPEN_CLIP_BUILTIN_CONFIGS = Path(open_clip.__file__).parent / "model_configs"
+                                          WEIGHT_SUFFIXES, ResolvedModel, state_dict_sha256)
 
 
 def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,10 +36,8 @@ def _write_weights(state: dict[str, torch.Tensor], output: Path, metadata: dict[
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".safetensors":
         save_file(state, str(output), metadata=metadata)
-    elif output.suffix in (".bin", ".pt", ".pth"):
-        torch.save({"state_dict": state, "metadata": metadata}, output)
     else:
-        raise ValueError(f"--output {output}: use a .safetensors, .bin, .pt or .pth file name")
+        torch.save({"state_dict": state, "metadata": metadata}, output)
 
 
 def _metadata(resolved: ResolvedModel, state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -56,55 +52,27 @@ def _metadata(resolved: ResolvedModel, state: dict[str, torch.Tensor]) -> dict[s
     return meta
 
 
-def _require_library(resolved: ResolvedModel, library: str) -> None:
-    if resolved.library != library:
-        raise ValueError(f"--format {library}: {resolved.model_name} is a {resolved.library} architecture; "
-                         f"use --format {resolved.library} or safetensors")
-
-
-def export_open_clip(resolved: ResolvedModel, output: Path) -> list[Path]:
-    _require_library(resolved, "open_clip")
-    state = _plain_state(resolved.model)
-    _write_weights(state, output, _metadata(resolved, state))
-    written = [output]
-    if not (_OPEN_CLIP_BUILTIN_CONFIGS / f"{resolved.model_name}.json").is_file():
-        if resolved.model_config is None:
-            raise ValueError(f"{resolved.model_name}: no open_clip config known for this architecture")
-        config_path = output.parent / f"{resolved.model_name}.json"
-        config_path.write_text(json.dumps(resolved.model_config, indent=2) + "\n")
-        written.append(config_path)
-    return written
-
-
-def export_timm(resolved: ResolvedModel, output: Path) -> list[Path]:
-    _require_library(resolved, "timm")
-    if not timm.is_model(resolved.model_name):
-        raise ValueError(
-            f"--format timm: {resolved.model_name} is not a timm-registered architecture, so "
-            "timm.create_model cannot build it by name; use --format safetensors"
-        )
-    state = _plain_state(resolved.model)
-    _write_weights(state, output, _metadata(resolved, state))
-    return [output]
-
-
-def export_safetensors(resolved: ResolvedModel, output: Path) -> list[Path]:
-    if output.suffix != ".safetensors":
-        raise ValueError(f"--format safetensors: --output {output} must end in .safetensors")
-    state = _plain_state(resolved.model)
-    _write_weights(state, output, _metadata(resolved, state))
-    return [output]
-
-
-EXPORTERS: dict[str, Callable[[ResolvedModel, Path], list[Path]]] = {
-    "open_clip": export_open_clip,
-    "timm": export_timm,
-    "safetensors": export_safetensors,
-}
+def export_formats() -> list[str]:
+    """Each model family's library (files that library loads by architecture name), then 'safetensors'."""
+    return [*(family.library for family in families.all_families()), "safetensors"]
 
 
 def export(resolved: ResolvedModel, fmt: str, output: Path) -> list[Path]:
-    """Write `resolved`'s weights as `fmt`; returns the files written."""
-    if fmt not in EXPORTERS:
-        raise ValueError(f"--format {fmt}: unknown export format (valid: {', '.join(EXPORTERS)})")
-    return EXPORTERS[fmt](resolved, Path(output))
+    """Write `resolved`'s weights as `fmt`; returns the files written, the weights first."""
+    output = Path(output)
+    formats = export_formats()
+    if fmt not in formats:
+        raise ValueError(f"--format {fmt}: unknown export format (valid: {', '.join(formats)})")
+    if output.suffix not in WEIGHT_SUFFIXES or (fmt == "safetensors" and output.suffix != ".safetensors"):
+        valid = ".safetensors" if fmt == "safetensors" else ", ".join(WEIGHT_SUFFIXES)
+        raise ValueError(f"--format {fmt}: --output {output} must end in {valid}")
+    extras: list[Path] = []
+    if fmt != "safetensors":
+        if resolved.library != fmt:
+            raise ValueError(f"--format {fmt}: {resolved.model_name} is a {resolved.library} architecture; "
+                             f"use --format {resolved.library} or safetensors")
+        # The library's own files first: a library that cannot load this architecture by name refuses here.
+        extras = families.get(resolved.kind).export_files(resolved.model_name, resolved.model_config, output)
+    state = _plain_state(resolved.model)
+    _write_weights(state, output, _metadata(resolved, state))
+    return [output, *extras]

@@ -15,51 +15,35 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from pipeline.evaluation.datasets import Batch
+from pipeline import families
+from pipeline.data.stream import StreamBatch
 from pipeline.evaluation.metrics import classification_metrics
-from pipeline.evaluation.runtime import SkipTally, autocast
+from pipeline.evaluation.runtime import SkipTally
+from pipeline.precision import autocast
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 4, 8))
-
-
-def _clip_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    # CLIP_benchmark probes the L2-normalised embedding, the space zero-shot also uses.
-    return F.normalize(model.encode_image(images).float(), dim=-1)
-
-
-def _classifier_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    # timm's pre-logits: the pooled features the classifier head sees.
-    return model.forward_head(model.forward_features(images), pre_logits=True).float()
-
-
-FEATURIZERS: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
-    "clip": _clip_features,
-    "classifier": _classifier_features,
-}
 
 
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module,
     kind: str,
-    batches: Iterable[Batch],
+    batches: Iterable[StreamBatch],
     device: torch.device,
     tally: SkipTally,
     desc: str,
     total: int | None = None,
     amp: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, labels (N,) int64) of every labelled batch."""
-    if kind not in FEATURIZERS:
-        raise ValueError(f"no feature extractor for model kind {kind!r} (valid: {', '.join(FEATURIZERS)})")
-    featurize = FEATURIZERS[kind]
+    """(features (N, D) float32, labels (N,) int64) of every labelled batch: the image features of the model's
+    family (pipeline.families, `features`)."""
+    featurize = families.get(kind).features
     features, labels, keys = [], [], []
     for batch in tally.track(batches, desc, total):
         with autocast(device, amp):
@@ -163,8 +147,8 @@ def probe_method(name: str) -> Callable[..., dict]:
 def evaluate_linear_probe(
     model: torch.nn.Module,
     kind: str,
-    train_batches: Iterable[Batch],
-    test_batches: Iterable[Batch],
+    train_batches: Iterable[StreamBatch],
+    test_batches: Iterable[StreamBatch],
     device: torch.device,
     method: str = DEFAULT_METHOD,
     batch_size: int = 64,

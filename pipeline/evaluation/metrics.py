@@ -1,5 +1,6 @@
-"""Classification metrics shared by zero-shot, linear probe and classify, defined as CLIP_benchmark
-defines them, so numbers are comparable with its published tables."""
+"""Classification metrics shared by zero-shot, linear probe, classify and validation during training (the
+one top-k count), defined as CLIP_benchmark defines them, so numbers are comparable with its published
+tables. Every value is a fraction of samples."""
 from __future__ import annotations
 
 import math
@@ -9,10 +10,21 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 
+@torch.no_grad()
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """k -> how many rows have their target among the k highest logits, for each k in `ks`.
+
+    k above the number of classes is clamped to it, so every row counts as correct there: timm's
+    `accuracy` rule (timm/utils/metrics.py). CLIP_benchmark never asks for that case: it writes acc5 as NaN
+    below 5 classes, which classification_metrics mirrors with None."""
+    k_max = min(max(ks), logits.shape[1])
+    hits = logits.topk(k_max, dim=1).indices.eq(targets.view(-1, 1))
+    return {k: int(hits[:, :min(k, k_max)].any(dim=1).sum()) for k in ks}
+
+
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose target is among the k highest logits."""
-    topk = logits.topk(k, dim=1).indices
-    return (topk == targets.view(-1, 1)).any(dim=1).double().mean().item()
+    """Fraction of rows whose target is among the k highest logits (topk_correct / rows)."""
+    return topk_correct(logits, targets, (k,))[k] / len(targets)
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | None]:

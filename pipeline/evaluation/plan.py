@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.evaluation.linear_probe import PROBE_METHODS
 from pipeline.evaluation.resolver import ResolvedModel, resolve
-from pipeline.evaluation.tasks import TASKS, EvalOptions, can_run, evaluate, write_result
+from pipeline.evaluation.tasks import EVAL_TASKS, EvalOptions, can_run, evaluate, needed_kinds, write_result
 
 _TOP_KEYS = {"output_dir", "checkpoints", "datasets", "batch_size", "workers", "device", "amp", "split",
              "probe_method"}
@@ -44,7 +44,7 @@ class DatasetEntry:
 
 
 @dataclass(frozen=True)
-class Plan:
+class EvalPlan:
     output_dir: Path
     checkpoints: tuple[CheckpointEntry, ...]
     datasets: tuple[DatasetEntry, ...]
@@ -68,13 +68,13 @@ def _dataset(raw, source: Path, index: int) -> DatasetEntry:
     key = f"datasets[{index}]"
     if not isinstance(raw, dict) or set(raw) != {"path", "tasks"} or not isinstance(raw["tasks"], list):
         raise _fail(source, key, "expected {path: DIR, tasks: [TASK, ...]}")
-    unknown = [t for t in raw["tasks"] if t not in TASKS]
+    unknown = [t for t in raw["tasks"] if t not in EVAL_TASKS]
     if unknown:
-        raise _fail(source, f"{key}.tasks", f"unknown task {unknown[0]!r} (valid: {', '.join(TASKS)})")
+        raise _fail(source, f"{key}.tasks", f"unknown task {unknown[0]!r} (valid: {', '.join(EVAL_TASKS)})")
     return DatasetEntry(str(raw["path"]), tuple(raw["tasks"]))
 
 
-def load_plan(path: Path) -> Plan:
+def load_plan(path: Path) -> EvalPlan:
     """Read and check an evaluation plan; ValueError names the file and the key."""
     path = Path(path)
     try:
@@ -95,7 +95,7 @@ def load_plan(path: Path) -> Plan:
     options = EvalOptions(split=raw.get("split", "test"), batch_size=int(raw.get("batch_size", 64)),
                           num_workers=int(raw.get("workers", 2)), device=raw.get("device"),
                           amp=bool(raw.get("amp", False)), probe_method=method)
-    return Plan(
+    return EvalPlan(
         output_dir=Path(raw["output_dir"]),
         checkpoints=tuple(_checkpoint(c, path, i) for i, c in enumerate(raw["checkpoints"])),
         datasets=tuple(_dataset(d, path, i) for i, d in enumerate(raw["datasets"])),
@@ -110,17 +110,17 @@ def result_filename(result: dict) -> str:
     return f"{result['dataset']}__{result['task']}__{model}_{step}{result['checkpoint_sha256'][:12]}.json"
 
 
-def run_plan(plan: Plan) -> Iterator[dict]:
+def run_plan(plan: EvalPlan) -> Iterator[dict]:
     """Yield one summary row per (checkpoint, dataset, task), writing each result as it finishes."""
     for entry in plan.checkpoints:
         resolved: ResolvedModel = resolve(entry.ref, entry.model)
         for dataset in plan.datasets:
             for task in dataset.tasks:
-                headline = TASKS[task].headline_metric
+                headline = EVAL_TASKS[task].headline_metric
                 row = {"checkpoint": entry.ref, "step": resolved.step, "dataset": Path(dataset.path).name,
                        "task": task, "metric": headline, "value": None, "file": None}
                 if not can_run(task, resolved):
-                    yield {**row, "skipped": f"skipped: needs a {' or '.join(TASKS[task].kinds)} model"}
+                    yield {**row, "skipped": f"skipped: needs a {needed_kinds(task)} model"}
                     continue
                 result = evaluate(task, resolved, Path(dataset.path), plan.options)
                 out = plan.output_dir / result_filename(result)

@@ -1,4 +1,4 @@
-"""Checkpoint references: one resolver that eval, export (and later distill / fine-tuning) share.
+"""Checkpoint references: one resolver that eval, export and distill (its teacher) share.
 
 A REF is one of
   * a run directory (RUN/checkpoints/step_*/ ...): its latest complete checkpoint;
@@ -9,15 +9,14 @@ A REF is one of
   * an open_clip weights file (.bin/.pt/.pth/.safetensors) with --model NAME;
   * a timm checkpoint with --model NAME.
 
---model NAME is looked up in open_clip's registry, then timm's; 'open_clip:NAME' / 'timm:NAME' pick one
-explicitly, and 'PATH/NAME.json' (or a NAME.json beside the weights file) registers an open_clip
+--model NAME is looked up in the model families' libraries (pipeline.families: open_clip's registry, then
+timm's); 'open_clip:NAME' / 'timm:NAME' pick one explicitly, and 'PATH/NAME.json' (or a NAME.json beside the weights file) registers an open_clip
 config first. Nothing is loaded by executing pickled code: weights files through
-pipeline.checkpoint.load_weights_file, our checkpoint directories through pipeline.checkpoint.load_consolidated
+pipeline.remote_refs.load_weights_file, our checkpoint directories through pipeline.checkpoint.load_consolidated
 (every shard checked weights-only first; a file that would run code is refused with one line naming it).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import tempfile
@@ -26,13 +25,11 @@ from pathlib import Path
 from typing import Callable
 
 import open_clip
-import timm
 import torch
-from timm.data import create_transform, resolve_data_config
 
-import pipeline.models.residual  # noqa: F401  registers resnet_tiny / resnet_nano with timm (--model resnet_tiny)
-from pipeline.checkpoint import load_weights_file, safe_torch_load
-from pipeline.models.clip import register_tiny_configs, weights_loaded_after
+from pipeline import families
+from pipeline.checkpoint import safe_torch_load
+from pipeline.remote_refs import load_weights_file
 
 Transform = Callable
 # safetensors metadata keys our exports write (see pipeline.evaluation.export).
@@ -47,9 +44,9 @@ class ResolvedModel:
     model: torch.nn.Module
     """In eval mode, on the CPU."""
     kind: str
-    """'clip' (encode_image / encode_text) or 'classifier' (images -> logits)."""
+    """Its model family (pipeline.families): 'clip' (encode_image / encode_text) or 'classifier' (logits)."""
     library: str
-    """Which library's architecture it is: 'open_clip' or 'timm' (where exports go)."""
+    """Which library's architecture it is: its family's library, 'open_clip' or 'timm' (where exports go)."""
     model_name: str
     preprocess: Transform
     """PIL image -> tensor, the library's evaluation transform for this model."""
@@ -106,137 +103,55 @@ def register_open_clip_config(name: str, config: dict) -> None:
 
 def library_for(name: str, beside: Path | None = None) -> tuple[str, str]:
     """(library, model name) for a --model value; ValueError lists what would have been accepted."""
-    register_tiny_configs()  # clip-tiny-rn / clip-tiny-vit; resnet_tiny / resnet_nano are registered by the import
     prefix, _, bare = name.partition(":")
-    if bare and prefix in _LIBRARIES:
-        known = bare in open_clip.list_models() if prefix == "open_clip" else timm.is_model(bare)
-        if not known:
-            example = "ViT-B-32" if prefix == "open_clip" else "resnet50"
-            raise ValueError(f"--model {name}: {prefix} has no architecture {bare!r} (e.g. {prefix}:{example})")
+    named = families.by_library(prefix) if bare else None
+    if named is not None:
+        if not named.has_architecture(bare):
+            raise ValueError(f"--model {name}: {prefix} has no architecture {bare!r} "
+                             f"(e.g. {prefix}:{named.example_architecture})")
         return prefix, bare
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
             raise ValueError(f"--model {name}: no such open_clip model config file")
         return "open_clip", _register_open_clip_config(path)
-    if name in open_clip.list_models():
-        return "open_clip", name
-    if timm.is_model(name):
-        return "timm", name
+    for family in families.all_families():  # registration order: see pipeline.families.FAMILIES
+        if family.has_architecture(name):
+            return family.library, name
     if beside is not None and (beside / f"{name}.json").is_file():
         return "open_clip", _register_open_clip_config(beside / f"{name}.json")
-    raise ValueError(
-        f"--model {name}: not an open_clip model ({len(open_clip.list_models())} known, e.g. ViT-B-32) "
-        f"nor a timm model (e.g. resnet50); use 'open_clip:NAME', 'timm:NAME' or a NAME.json open_clip config"
-    )
+    known = " nor ".join(f"{f.library} (e.g. {f.example_architecture})" for f in families.all_families())
+    libraries = ", ".join(f"'{f.library}:NAME'" for f in families.all_families())
+    raise ValueError(f"--model {name}: not an architecture of {known}; use {libraries} or a NAME.json open_clip "
+                     "config")
 
 
-# -- building models from a state dict --------------------------------------------------------------
-
-
-def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, name: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{what}: weights do not match model {name}: missing {result.missing_keys[:3]} "
-            f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:3]} ({len(result.unexpected_keys)})"
-        )
-
-
-def _adapt_open_clip_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state-dict fixes open_clip.load_checkpoint applies, on an already safely loaded dict."""
-    from open_clip.convert import convert_state_dict
-    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
-
-    state = convert_state_dict(model, state)
-    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
-        state = convert_to_custom_text_state_dict(state)
-    for key in ("logit_scale", "logit_bias"):
-        own = getattr(model, key, None)
-        if key in state and own is not None and own.ndim != state[key].ndim:
-            state[key] = state[key].reshape(own.shape)
-    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
-        state["logit_bias"] = torch.zeros_like(model.logit_bias)
-    resize_pos_embed(state, model)
-    resize_text_pos_embed(state, model)
-    return state
-
-
-def _open_clip_model(name: str, state: dict[str, torch.Tensor], what: str) -> dict:
-    with weights_loaded_after():
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-    _load_strict(model, _adapt_open_clip_state(model, state), what, name)
-    return {"model": model, "kind": "clip", "preprocess": preprocess, "tokenizer": open_clip.get_tokenizer(name),
-            "model_config": open_clip.get_model_config(name)}
-
-
-def _head_name(model: torch.nn.Module) -> str:
-    head = model.get_classifier()
-    return next(name for name, module in model.named_modules() if module is head)
-
-
-def _fit_head(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Resize a timm model's classifier to the number of classes the weights were trained with."""
-    weight = state.get(f"{_head_name(model)}.weight")
-    if weight is not None and weight.shape[0] != model.num_classes:
-        model.reset_classifier(weight.shape[0])
-
-
-def _timm_model(name: str, state: dict[str, torch.Tensor], what: str) -> dict:
-    model = timm.create_model(name, pretrained=False)
-    _fit_head(model, state)
-    _load_strict(model, state, what, name)
-    preprocess = create_transform(**resolve_data_config({}, model=model))
-    return {"model": model, "kind": "classifier", "preprocess": preprocess, "tokenizer": None, "model_config": None}
-
-
-_LIBRARIES: dict[str, Callable[[str, dict, str], dict]] = {"open_clip": _open_clip_model, "timm": _timm_model}
-
-
-# -- our own checkpoints ----------------------------------------------------------------------------
-
-
-def _ours_classifier(cfg, state: dict[str, torch.Tensor]) -> dict:
-    from pipeline.data.labelled import eval_transform
-    from pipeline.models import build_model
-
-    # The init file of a fine-tuning run may be gone by now; the checkpoint holds every weight anyway.
-    model_cfg = dataclasses.replace(cfg.model, pretrained_path=None, grad_checkpointing=False)
-    model = build_model(model_cfg, num_classes=cfg.data.num_classes or 2)
-    _fit_head(model, state)
-    _load_strict(model, state, "checkpoint", cfg.model.name)
-    # The training run's own validation transform: eval sees images exactly as validation did.
-    preprocess = eval_transform(cfg.data)
-    return {"model": model, "kind": "classifier", "library": "timm", "preprocess": preprocess, "tokenizer": None}
-
-
-def _ours_clip(cfg, state: dict[str, torch.Tensor]) -> dict:
-    # Our CLIP models are open_clip models (the tiny ones registered from pipeline/models/clip_configs);
-    # rebuilding the plain open_clip architecture makes exports load in open_clip unchanged
-    # (_adapt_open_clip_state reshapes our 1-element logit scale to open_clip's scalar).
-    from pipeline.models.clip import register_tiny_configs
-
-    register_tiny_configs()
-    built = _open_clip_model(cfg.model.name, state, "checkpoint")
-    return {**built, "library": "open_clip"}
-
-
-_OUR_KINDS: dict[str, Callable] = {"classifier": _ours_classifier, "clip": _ours_clip}
+# -- building models from a state dict: the families' -----------------------------------------------
 
 
 def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _built(family: families.ModelFamily, rebuilt: families.Rebuilt) -> dict:
+    return {"model": rebuilt.model, "kind": family.name, "library": family.library, "preprocess": rebuilt.preprocess,
+            "tokenizer": rebuilt.tokenizer, "model_config": rebuilt.model_config}
+
+
+def _build_outside(library: str, name: str, state: dict[str, torch.Tensor], what: str) -> dict:
+    family = families.by_library(library)
+    if family is None:  # an export's metadata naming a library we do not build
+        valid = ", ".join(f.library for f in families.all_families())
+        raise ValueError(f"{what}: no model family builds {library} architectures (valid: {valid})")
+    return _built(family, family.from_weights(name, state, what))
+
+
 def _build_ours(raw_config: dict, state: dict[str, torch.Tensor], where: Path) -> dict:
     from pipeline.config import Config
 
     cfg = Config.from_dict(raw_config, source=str(where))
-    if cfg.model.kind not in _OUR_KINDS:
-        raise ValueError(f"{where}: model kind {cfg.model.kind!r} cannot be evaluated "
-                         f"(valid: {', '.join(_OUR_KINDS)})")
-    built = _OUR_KINDS[cfg.model.kind](cfg, _strip_module_prefix(state))
-    built.setdefault("model_config", None)
+    family = families.check_config(cfg, str(where))
+    built = _built(family, family.from_checkpoint(cfg, _strip_module_prefix(state)))
     return {**built, "run_config": raw_config, "name": cfg.model.name}
 
 
@@ -274,7 +189,7 @@ def _export_metadata(path: Path) -> dict[str, str]:
 def _names_the_export(model_name: str, meta: dict[str, str]) -> bool:
     """--model names the architecture the export records (bare or as 'library:NAME')."""
     prefix, _, bare = model_name.partition(":")
-    if bare and prefix in _LIBRARIES:
+    if bare and families.by_library(prefix) is not None:
         return prefix == meta.get(META_LIBRARY) and bare == meta.get(META_MODEL)
     return model_name == meta.get(META_MODEL)
 
@@ -300,7 +215,7 @@ def _resolve_file(path: Path, model_name: str | None) -> ResolvedModel:
         library, name = library_for(model_name, beside=path.parent)
         step, source = None, "weights_file"
     state = load_weights_file(path)
-    built = {**_LIBRARIES[library](name, state, str(path)), "library": library}
+    built = _build_outside(library, name, state, str(path))
     return _finish(built, name, step, source, path)
 
 

@@ -11,9 +11,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluation.datasets import Batch
-from pipeline.evaluation.runtime import SkipTally, autocast
+from pipeline.data.stream import StreamBatch
+from pipeline.evaluation.runtime import SkipTally
 from pipeline.evaluation.zero_shot import Tokenizer
+from pipeline.precision import autocast
 
 RECALL_KS = (1, 5, 10)
 # Queries scored per chunk: bounds the (queries x candidates) score block held at once.
@@ -57,7 +58,7 @@ def recall_metrics(
 def embed(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
-    batches: Iterable[Batch],
+    batches: Iterable[StreamBatch],
     device: torch.device,
     tally: SkipTally,
     total: int | None = None,
@@ -83,7 +84,7 @@ def embed(
 def evaluate_retrieval(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
-    batches: Iterable[Batch],
+    batches: Iterable[StreamBatch],
     device: torch.device,
     ks: Sequence[int] = RECALL_KS,
     total: int | None = None,

@@ -1,22 +1,15 @@
-"""What every evaluator loop shares: device placement, optional autocast, the progress bar and the
+"""What every evaluator loop shares: device placement, the progress bar and the
 tally of skipped samples that rides along with each batch."""
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from typing import Iterable, Iterator
 
 import torch
 from tqdm import tqdm
 
-from pipeline.evaluation.datasets import Batch
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast when asked (GPU evaluation); fp32 otherwise, which CPU runs always use."""
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+from pipeline.data.eval_batches import Batch
+from pipeline.data.stream import StreamBatch
 
 
 def default_device() -> torch.device:
@@ -30,12 +23,13 @@ class SkipTally:
         self.counts: Counter = Counter()
         self.num_samples = 0
 
-    def track(self, batches: Iterable[Batch], desc: str, total: int | None = None) -> Iterator[Batch]:
-        """Yield non-empty batches under a progress bar counting images."""
+    def track(self, batches: Iterable[StreamBatch], desc: str, total: int | None = None) -> Iterator[Batch]:
+        """The stream's non-empty batches under a progress bar counting images; their skips counted here."""
         with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True) as bar:
-            for batch in batches:
-                self.counts.update(batch.skipped)
-                if len(batch.images) == 0:
+            for item in batches:
+                self.counts.update(item.skips)
+                batch = item.batch
+                if batch is None:
                     continue
                 self.num_samples += len(batch.images)
                 bar.update(len(batch.images))

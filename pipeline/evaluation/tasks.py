@@ -1,4 +1,5 @@
 """The four evaluation tasks behind one signature: (resolved model, data folder, options) -> result.
+Which models a task can score is each model family's word (pipeline.families, `eval_tasks`).
 
 A result is one JSON-ready dict per (checkpoint, dataset, task) with CLIP_benchmark's keys
 (dataset, model, pretrained, task, metrics, language) plus where the numbers came from: the
@@ -13,7 +14,9 @@ from typing import Callable
 
 import torch
 
+from pipeline import families
 from pipeline.class_names import LabelMap, map_by_name, model_class_names
+from pipeline.data.eval_batches import captioned_batches, labelled_batches
 from pipeline.evaluation import datasets
 from pipeline.evaluation.classify import evaluate_classifier
 from pipeline.evaluation.linear_probe import evaluate_linear_probe
@@ -33,7 +36,7 @@ class EvalOptions:
     """Split the linear probe fits on."""
     batch_size: int = 64
     num_workers: int = 2
-    """DataLoader worker processes (at most one per shard is used)."""
+    """DataLoader worker processes; batches are dealt to them in turn (pipeline.data.stream.EvalStream)."""
     device: str | None = None
     """'cpu', 'cuda', ...; None = the GPU when there is one."""
     amp: bool = False
@@ -51,11 +54,12 @@ def _device(options: EvalOptions) -> torch.device:
 
 def _labelled(data_dir: Path, split: str, resolved: ResolvedModel, options: EvalOptions,
               labels: LabelMap = LabelMap()):
-    shards = datasets.find_shards(data_dir, split)
-    batches = datasets.labelled_batches(shards, resolved.preprocess, options.batch_size, options.num_workers)
+    batches = labelled_batches(datasets.split_shards(data_dir, split), resolved.preprocess, options.batch_size,
+                               options.num_workers)
     if labels.targets is None:
         return batches
-    return (replace(batch, labels=labels.apply(batch.labels)) for batch in batches)
+    return (replace(item, batch=replace(item.batch, labels=labels.apply(item.batch.labels)))
+            if item.batch is not None else item for item in batches)
 
 
 def _model_label_map(resolved: ResolvedModel, data_dir: Path, split: str) -> tuple[LabelMap, str]:
@@ -70,7 +74,7 @@ def _model_label_map(resolved: ResolvedModel, data_dir: Path, split: str) -> tup
     return labels, labels.note or "identity (same class names, same order)"
 
 
-def _zero_shot_prompts(data_dir: Path, split: str) -> tuple[list, list, dict]:
+def dataset_zero_shot_prompts(data_dir: Path, split: str) -> tuple[list, list, dict]:
     """Class names and templates: the dataset's own files, else ImageNet's and OpenAI's 80 prompts."""
     classnames = datasets.read_classnames(data_dir, split)
     templates = datasets.read_templates(data_dir)
@@ -82,19 +86,19 @@ def _zero_shot_prompts(data_dir: Path, split: str) -> tuple[list, list, dict]:
 
 
 def run_zeroshot(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
-    classnames, templates, prompt_info = _zero_shot_prompts(data_dir, options.split)
+    classnames, templates, prompt_info = dataset_zero_shot_prompts(data_dir, options.split)
     batches = _labelled(data_dir, options.split, resolved, options)
     metrics = evaluate_zero_shot(resolved.model.to(_device(options)), resolved.tokenizer, batches, classnames,
-                                 templates, _device(options), datasets.count_samples(data_dir, options.split),
+                                 templates, _device(options), datasets.listed_num_samples(data_dir, options.split),
                                  options.amp)
     return {**metrics, **prompt_info}
 
 
 def run_retrieval(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
-    shards = datasets.find_shards(data_dir, options.split)
-    batches = datasets.captioned_batches(shards, resolved.preprocess, options.batch_size, options.num_workers)
+    batches = captioned_batches(datasets.split_shards(data_dir, options.split), resolved.preprocess,
+                                options.batch_size, options.num_workers)
     return evaluate_retrieval(resolved.model.to(_device(options)), resolved.tokenizer, batches, _device(options),
-                              total=datasets.count_samples(data_dir, options.split), amp=options.amp)
+                              total=datasets.listed_num_samples(data_dir, options.split), amp=options.amp)
 
 
 def run_linear_probe(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
@@ -117,43 +121,47 @@ def run_classify(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) 
     labels, mapping = _model_label_map(resolved, data_dir, options.split)
     batches = _labelled(data_dir, options.split, resolved, options, labels)
     metrics = evaluate_classifier(resolved.model.to(_device(options)), batches, _device(options),
-                                  datasets.count_samples(data_dir, options.split), options.amp)
+                                  datasets.listed_num_samples(data_dir, options.split), options.amp)
     return {**metrics, "label_mapping": mapping}
 
 
 @dataclass(frozen=True)
-class Task:
+class EvalTask:
+    """One `launch eval` task (the training loop's tasks are pipeline.tasks)."""
+
     benchmark_name: str
     """The `task` value CLIP_benchmark writes for the same evaluation."""
     run: Callable[[ResolvedModel, Path, EvalOptions], dict]
-    kinds: tuple[str, ...]
-    """Model kinds the task can score."""
     headline_metric: str
     """The metric summary tables show."""
 
 
-TASKS: dict[str, Task] = {
-    "zeroshot": Task("zeroshot_classification", run_zeroshot, ("clip",), "acc1"),
-    "retrieval": Task("zeroshot_retrieval", run_retrieval, ("clip",), "image_retrieval_recall@5"),
-    # Any image features can be probed: CLIP embeddings or a classifier's pre-logits.
-    "linear-probe": Task("linear_probe", run_linear_probe, ("clip", "classifier"), "acc1"),
-    "classify": Task("classification", run_classify, ("classifier",), "acc1"),
+EVAL_TASKS: dict[str, EvalTask] = {
+    "zeroshot": EvalTask("zeroshot_classification", run_zeroshot, "acc1"),
+    "retrieval": EvalTask("zeroshot_retrieval", run_retrieval, "image_retrieval_recall@5"),
+    "linear-probe": EvalTask("linear_probe", run_linear_probe, "acc1"),
+    "classify": EvalTask("classification", run_classify, "acc1"),
 }
 
 
 def can_run(task: str, resolved: ResolvedModel) -> bool:
-    return resolved.kind in TASKS[task].kinds
+    return task in families.get(resolved.kind).eval_tasks
+
+
+def needed_kinds(task: str) -> str:
+    """The model kinds `task` can score, for messages: 'clip or classifier'."""
+    return " or ".join(f.name for f in families.all_families() if task in f.eval_tasks) or "no"
 
 
 def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
     """Run one task and return its result record."""
-    if task not in TASKS:
-        raise ValueError(f"unknown evaluation task {task!r} (valid: {', '.join(TASKS)})")
+    if task not in EVAL_TASKS:
+        raise ValueError(f"unknown evaluation task {task!r} (valid: {', '.join(EVAL_TASKS)})")
     if not can_run(task, resolved):
-        raise ValueError(f"eval {task}: needs a {' or '.join(TASKS[task].kinds)} model, "
+        raise ValueError(f"eval {task}: needs a {needed_kinds(task)} model, "
                          f"but {resolved.model_name} is a {resolved.kind}")
     data_dir = Path(data_dir)
-    metrics = TASKS[task].run(resolved, data_dir, options)
+    metrics = EVAL_TASKS[task].run(resolved, data_dir, options)
     warnings = _count_warnings(task, data_dir, options.split, metrics)
     if warnings and options.strict:
         raise ValueError(f"{warnings[0]} (--strict)")
@@ -161,7 +169,7 @@ def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOp
         "dataset": data_dir.resolve().name,
         "model": resolved.model_name,
         "pretrained": str(resolved.path),
-        "task": TASKS[task].benchmark_name,
+        "task": EVAL_TASKS[task].benchmark_name,
         "metrics": {k: json_safe(v) if isinstance(v, float) else v for k, v in metrics.items()},
         "language": "en",
         "checkpoint_source": resolved.source,
@@ -178,7 +186,7 @@ def _count_warnings(task: str, data_dir: Path, split: str, metrics: dict) -> lis
     """The scored count (metrics' num_samples) against the manifest's: a shortfall is never silent."""
     path = datasets.manifest_path(data_dir, split)
     warning = sample_shortfall(f"eval {task}", int(metrics.get("num_samples") or 0),
-                               datasets.count_samples(data_dir, split), metrics.get("num_skipped"), str(path))
+                               datasets.listed_num_samples(data_dir, split), metrics.get("num_skipped"), str(path))
     return [warning] if warning else []
 
 

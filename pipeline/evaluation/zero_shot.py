@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from tqdm import tqdm
 
-from pipeline.evaluation.datasets import Batch
+from pipeline.data.stream import StreamBatch
 from pipeline.evaluation.metrics import classification_metrics
-from pipeline.evaluation.runtime import SkipTally, autocast
+from pipeline.evaluation.runtime import SkipTally
+from pipeline.precision import autocast
 
 # A template is a str with a `{c}` placeholder (CLIP_benchmark's files) or a callable (open_clip's).
 Template = Union[str, Callable[[str], str]]
@@ -33,7 +34,7 @@ def render_prompts(classname: str, templates: Sequence[Template]) -> list[str]:
 
 
 @torch.no_grad()
-def build_classifier(
+def build_zeroshot_head(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
     classnames: Sequence[str],
@@ -63,7 +64,7 @@ def build_classifier(
 def predict(
     model: torch.nn.Module,
     classifier: torch.Tensor,
-    batches: Iterable[Batch],
+    batches: Iterable[StreamBatch],
     device: torch.device,
     tally: SkipTally,
     total: int | None = None,
@@ -84,7 +85,7 @@ def predict(
 def evaluate_zero_shot(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
-    batches: Iterable[Batch],
+    batches: Iterable[StreamBatch],
     classnames: Sequence[str],
     templates: Sequence[Template],
     device: torch.device,
@@ -92,7 +93,7 @@ def evaluate_zero_shot(
     amp: bool = False,
 ) -> dict:
     """acc1, acc5, mean_per_class_recall plus sample counts."""
-    classifier = build_classifier(model, tokenizer, classnames, templates, device, amp=amp)
+    classifier = build_zeroshot_head(model, tokenizer, classnames, templates, device, amp=amp)
     tally = SkipTally()
     logits, targets = predict(model, classifier, batches, device, tally, total, amp)
     return {**classification_metrics(logits, targets), **tally.summary()}

@@ -16,8 +16,8 @@ from typing import Iterator
 import open_clip
 import torch
 
-from pipeline.checkpoint import load_weights_file
-from pipeline.optim import param_groups
+from pipeline.remote_refs import load_weights_file
+from pipeline.models.loading import load_strict
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
 # name -> what it is for; the JSON files are the architecture.
@@ -77,11 +77,6 @@ def open_clip_train_exempt(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def clip_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """The optimizer groups of a CLIP/SigLIP model: open_clip_train's. Locked (LiT) parameters stay out."""
-    return param_groups(model, weight_decay, exempt=open_clip_train_exempt)
-
-
 def get_tokenizer(name: str):
     register_tiny_configs()
     return open_clip.get_tokenizer(name)
@@ -113,16 +108,28 @@ def build_clip(model_cfg, contrastive_cfg) -> torch.nn.Module:
 
 def load_pretrained(model: torch.nn.Module, path: str, name: str) -> None:
     """Weights from an open_clip state-dict file (.pt/.bin/.safetensors), loaded safely and strictly."""
-    # The evaluation stage's state-dict fixes (open_clip.load_checkpoint's, on a safely loaded dict).
-    from pipeline.evaluation.resolver import _adapt_open_clip_state
+    load_strict(model, adapt_open_clip_state(model, load_weights_file(path)), f"model.pretrained_path: {path}", name)
 
-    state = _adapt_open_clip_state(model, load_weights_file(path))
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"model.pretrained_path: {path} does not match {name}: missing {result.missing_keys[:3]} "
-            f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:3]} ({len(result.unexpected_keys)})"
-        )
+
+def adapt_open_clip_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state-dict fixes open_clip.load_checkpoint applies, on an already safely loaded dict: OpenAI's
+    layout converted, a custom-text model's keys, a logit scale (and bias) reshaped to the model's (ours are
+    1-element vectors, open_clip's 0-d), a missing bias zeroed, positional embeddings resized."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state = convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in state and own is not None and own.ndim != state[key].ndim:
+            state[key] = state[key].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+        state["logit_bias"] = torch.zeros_like(model.logit_bias)
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    return state
 
 
 def apply_locking(model: torch.nn.Module, contrastive_cfg) -> None:

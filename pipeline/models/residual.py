@@ -13,7 +13,7 @@ import torch
 from timm.models import register_model
 from timm.models.resnet import BasicBlock, ResNet
 
-from pipeline.checkpoint import load_weights_file
+from pipeline.remote_refs import load_weights_file
 
 
 _TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")

@@ -16,6 +16,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.metrics import eval_key
 from pipeline.reporting.run_record import RunRecord, is_number
 
 Series = list[tuple[int, float]]
@@ -39,28 +40,28 @@ class _Curve:
     log_y: bool = False
 
 
-# Training curves, in the order the summary shows them. val_loss rides on the loss plot: the two
+# Training curves, in the order the summary shows them. val/loss rides on the loss plot: the two
 # are read together (over- or under-fitting).
 TRAINING_CURVES = (
-    _Curve("loss.png", "Loss", "loss", ("loss", "val_loss", "val_ema_loss")),
-    _Curve("lr.png", "Learning rate", "lr", ("lr",)),
-    _Curve("samples_per_second.png", "Throughput", "samples/s (all ranks)", ("samples_per_second",)),
+    _Curve("loss.png", "Loss", "loss", ("train/loss", "val/loss", "val/ema/loss")),
+    _Curve("lr.png", "Learning rate", "lr", ("train/lr",)),
+    _Curve("samples_per_second.png", "Throughput", "samples/s (all ranks)", ("train/samples_per_second",)),
     _Curve("data_wait_fraction.png", "Data wait", "fraction of step time waiting for data",
-           ("data_wait_fraction",)),
+           ("train/data_wait_fraction",)),
 )
 
-# In-training eval metrics (val_*) grouped onto one plot per family; the first pattern that matches
+# Validation metrics (val/...) grouped onto one plot per family; the first pattern that matches
 # a key names its group.
 EVAL_GROUPS = (
-    (re.compile(r"^val_(ema_)?top\d+$"), "val_accuracy", "Validation accuracy"),
-    (re.compile(r"^val_(ema_)?zeroshot_(?P<name>.+)_(acc\d+|mean_per_class_recall)$"), "val_zeroshot_{name}",
+    (re.compile(r"^val/(ema/)?top\d+$"), "val_accuracy", "Validation accuracy"),
+    (re.compile(r"^val/(ema/)?zeroshot/(?P<name>[^/]+)/(acc\d+|mean_per_class_recall)$"), "val_zeroshot_{name}",
      "Zero-shot {name}"),
-    (re.compile(r"^val_(ema_)?(image|text)_retrieval_recall@\d+$"), "val_retrieval", "Retrieval recall"),
+    (re.compile(r"^val/(ema/)?(image|text)_retrieval_recall@\d+$"), "val_retrieval", "Retrieval recall"),
 )
-NOT_PLOTTED = re.compile(r"^val_(ema_)?loss$")  # on the loss plot
-# What our stages and CLIP_benchmark call their counts: val_samples, val_expected_samples,
-# val_zeroshot_X_samples, num_samples, num_classes, num_templates, num_captions, num_train, num_test ...
-COUNT_KEY = re.compile(r"(^|_)num_|(^|_)samples$|_count$")
+NOT_PLOTTED = re.compile(r"^val/(ema/)?loss$")  # on the loss plot
+# What our stages and CLIP_benchmark call their counts: val/samples, val/expected_samples,
+# val/zeroshot/X/samples, num_samples, num_classes, num_templates, num_captions, num_train, num_test ...
+COUNT_KEY = re.compile(r"(^|[_/])num_|(^|[_/])samples$|_count$")
 
 
 def is_count(key: str) -> bool:
@@ -96,11 +97,11 @@ def _draw(path: Path, title: str, ylabel: str, lines: dict[str, Series], log_y: 
 
 
 def eval_metric_groups(rows: list[dict]) -> dict[str, tuple[str, list[str]]]:
-    """group file stem -> (title, val_* keys), in first-seen order."""
+    """group file stem -> (title, val/... keys), in first-seen order."""
     groups: dict[str, tuple[str, list[str]]] = {}
     for row in rows:
         for key, value in row.items():
-            if not key.startswith("val_") or not is_number(value) or NOT_PLOTTED.match(key) or is_count(key):
+            if not key.startswith("val/") or not is_number(value) or NOT_PLOTTED.match(key) or is_count(key):
                 continue
             stem, title = _safe_name(key), key
             for pattern, stem_format, title_format in EVAL_GROUPS:
@@ -116,7 +117,7 @@ def eval_metric_groups(rows: list[dict]) -> dict[str, tuple[str, list[str]]]:
 
 
 def eval_result_series(record: RunRecord) -> dict[tuple[str, str], dict[str, Series]]:
-    """(task, dataset) -> metric -> points over checkpoint_step, from the eval result JSONs."""
+    """(task, dataset) -> eval/<dataset>/<metric> -> points over checkpoint_step, from the eval result JSONs."""
     found: dict[tuple[str, str], dict[str, Series]] = defaultdict(lambda: defaultdict(list))
     for result in record.eval_results:
         step = result.get("checkpoint_step")
@@ -124,7 +125,8 @@ def eval_result_series(record: RunRecord) -> dict[tuple[str, str], dict[str, Ser
             continue  # an outside checkpoint: in the tables, not on a curve
         for metric, value in result["metrics"].items():
             if is_number(value) and not is_count(metric):
-                found[(str(result["task"]), str(result["dataset"]))][metric].append((step, float(value)))
+                dataset = str(result["dataset"])
+                found[(str(result["task"]), dataset)][eval_key(dataset, metric)].append((step, float(value)))
     return {key: {m: sorted(points) for m, points in metrics.items()} for key, metrics in found.items()}
 
 

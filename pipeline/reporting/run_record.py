@@ -4,8 +4,10 @@ the eval result JSONs under RUN_DIR/eval/.
 Reading is lenient where a run can legitimately leave odd files behind: a run killed mid-write
 leaves a truncated last line in metrics.jsonl, and a resumed run logs the steps after its checkpoint
 a second time. Unreadable lines are counted with a reason (never fatal); a step logged twice keeps
-its latest row. The config is read as plain YAML, not validated, so a report still works on run
-dirs written before a config field was added or renamed.
+its latest row. Rows and final metrics of runs from before the keys had prefixes (`loss`, `val_top1` in
+percent) are read under today's keys, as fractions (pipeline.metrics.from_legacy). The config is read as
+plain YAML, not validated, so a report still works on run dirs written before a config field was added
+or renamed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from pipeline.metrics import TRAIN, VAL, from_legacy
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -69,7 +73,7 @@ def _read_metrics(path: Path, unreadable: Counter) -> tuple[list[dict], int]:
         if last_step is not None and row["step"] <= last_step:
             num_resumes += 1
         last_step = row["step"]
-        by_step[row["step"]] = row
+        by_step[row["step"]] = from_legacy(row)
     return [by_step[step] for step in sorted(by_step)], num_resumes
 
 
@@ -124,18 +128,18 @@ def load_run(run_dir: Path) -> RunRecord:
     return RunRecord(
         run_dir=run_dir, rows=rows, config=_read_config(run_dir / CONFIG_FILE, unreadable),
         versions=_read_json(run_dir / VERSIONS_FILE, unreadable) or {},
-        final=final if isinstance(final, dict) else dict(rows[-1]),
+        final=from_legacy(final) if isinstance(final, dict) else dict(rows[-1]),
         eval_results=_read_eval_results(run_dir, unreadable), unreadable=unreadable, num_resumes=num_resumes,
         earlier_configs=sorted(p.name for p in run_dir.glob(EARLIER_CONFIGS)))
 
 
 def record_warnings(record: RunRecord) -> list[tuple[str, str]]:
     """(where, warning) for every distinct warning the run and its evaluations recorded: validation that
-    scored fewer samples than its shards list (val_*warnings of metrics rows), eval results' `warnings`."""
+    scored fewer samples than its shards list (val/.../warnings of metrics rows), eval results' `warnings`."""
     found: dict[tuple[str, str], None] = {}
     for row in record.rows:
         for key, value in row.items():
-            if key.startswith("val_") and key.endswith("warnings") and isinstance(value, list):
+            if key.startswith(f"{VAL}/") and key.endswith("/warnings") and isinstance(value, list):
                 found.update({(f"step {row['step']}", str(w)): None for w in value})
     for result in record.eval_results:
         if isinstance(result.get("warnings"), list):
@@ -147,7 +151,7 @@ def skipped_totals(rows: list[dict]) -> dict[str, int]:
     """Skipped training samples by reason over the run (each row holds its log window's counts)."""
     totals: Counter = Counter()
     for row in rows:
-        skipped = row.get("skipped_samples")
+        skipped = row.get(f"{TRAIN}/skipped_samples")
         if isinstance(skipped, dict):
             totals.update({str(k): int(v) for k, v in skipped.items() if is_number(v)})
     return dict(sorted(totals.items(), key=lambda item: (-item[1], item[0])))

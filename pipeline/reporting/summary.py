@@ -12,8 +12,8 @@ from pipeline.reporting.plots import Plot, is_count
 from pipeline.reporting.run_record import RunRecord, config_highlights, is_number, record_warnings, skipped_totals
 
 # Final-metrics rows shown first, in this order; every other key follows in file order.
-FINAL_KEYS_FIRST = ("step", "epoch", "loss", "lr", "samples_per_second", "data_wait_fraction",
-                    "data_wait_seconds")
+FINAL_KEYS_FIRST = ("step", "epoch", "train/loss", "train/lr", "train/samples_per_second",
+                    "train/data_wait_fraction", "train/data_wait_seconds")
 EVAL_META_COLUMNS = ("dataset", "model", "checkpoint_step")
 
 

@@ -1,26 +1,20 @@
 """Tasks: what a model family brings to the shared training loop (model, data, loss, evaluation).
 
-Registry keyed by model.kind; a module is imported only when its kind is used.
+Which task a config runs is its family's (pipeline.families: `task`, or `distill_task` when distill.teacher
+is set); a task's module is imported only when a run uses it.
 """
 from __future__ import annotations
 
 import importlib
 
-TASKS: dict[str, str] = {
-    "classifier": "pipeline.tasks.classify:ClassifyTask",
-    "clip": "pipeline.tasks.contrastive:ContrastiveTask",
-    "distill:classifier": "pipeline.tasks.distill:DistillClassifierTask",
-    "distill:clip": "pipeline.tasks.distill:DistillContrastiveTask",
-}
+from pipeline import families
+from pipeline.config import Config
 
 
-def task_key(cfg) -> str:
-    """The task a config runs: its model kind, distilled from a teacher when distill.teacher is set."""
-    return f"distill:{cfg.model.kind}" if cfg.distill.teacher else cfg.model.kind
-
-
-def task_class(kind: str):
-    if kind not in TASKS:
-        raise ValueError(f"model.kind: no task for {kind!r} (valid: {', '.join(TASKS)})")
-    module, name = TASKS[kind].split(":")
+def task_class(cfg: Config, source: str = "<config>") -> type:
+    """The pipeline.tasks.base.Task subclass `cfg` trains with, after the family's config checks
+    (ConfigError naming the key and `source`)."""
+    family = families.check_config(cfg, source)
+    spec = family.distill_task if cfg.distill.teacher else family.task
+    module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)

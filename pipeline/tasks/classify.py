@@ -16,8 +16,9 @@ from pipeline.class_names import LabelMap, manifest_class_names, map_by_name
 from pipeline.config import Config, ConfigError
 from pipeline.data.labelled import labelled_loader
 from pipeline.data.shards import read_manifest, resolve_shards
-from pipeline.models import build_classifier
+from pipeline.evaluation.metrics import topk_correct
 from pipeline.models.residual import model_factory
+from pipeline.precision import autocast
 from pipeline.sample_counts import sample_shortfall
 from pipeline.tasks.base import Task, all_reduce_sum
 
@@ -57,7 +58,7 @@ def val_label_map(cfg: Config) -> LabelMap:
         raise ConfigError("data.val", str(err)) from None
 
 
-def build_loss(optim_cfg, data_cfg, mixing: bool) -> torch.nn.Module:
+def build_loss(optim_cfg, mixing: bool) -> torch.nn.Module:
     if optim_cfg.loss == "bce":
         # Mixup already smooths the targets it makes; BCE smooths only hard targets. The threshold then
         # binarises the mixed targets (ResNet strikes back: 0.2), as timm's train.py passes it.
@@ -80,7 +81,7 @@ class ClassifyTask(Task):
             mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha, prob=data.mixup_prob,
             label_smoothing=cfg.optim.label_smoothing, num_classes=self.num_classes,
         ) if mixing else None
-        self.loss_fn = build_loss(cfg.optim, data, mixing)
+        self.loss_fn = build_loss(cfg.optim, mixing)
         self.val_shards = resolve_shards(data.val) if data.val else []
         self.class_names = train_class_names(cfg)
         self.val_labels = val_label_map(cfg)
@@ -95,9 +96,6 @@ class ClassifyTask(Task):
             raise ConfigError("model.name", str(err).split(": ", 1)[1]) from None
         note = val_label_map(cfg).note
         return [f"data.val: {note}"] if note else []
-
-    def build_model(self) -> torch.nn.Module:
-        return build_classifier(self.cfg.model, self.num_classes)
 
     def train_batches(self, rank, world_size, start):
         cfg = self.cfg
@@ -129,10 +127,13 @@ class ClassifyTask(Task):
                                  batch_size=cfg.eval.batch_size_per_rank or cfg.data.batch_size_per_rank)
         totals = torch.zeros(4, dtype=torch.float64)  # samples, top1 hits, top5 hits, summed loss
         skipped: Counter = Counter()
-        for (images, labels), reasons in loader:
-            skipped.update(reasons)
+        for item in loader:
+            skipped.update(item.skips)
+            if item.batch is None:
+                continue
+            images, labels = item.batch
             labels = self.val_labels.apply(labels).to(self.device)
-            with self.autocast_context():
+            with autocast(self.device, self.amp):
                 logits = module(self.images_to_device(images))
             hits = topk_correct(logits, labels)
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -141,7 +142,7 @@ class ClassifyTask(Task):
         n = max(totals[0].item(), 1.0)
         # Every metric travels with its sample count; fewer than the shards list is a warning, never silent.
         scored, expected = int(totals[0].item()), sum(s.num_samples for s in self.val_shards)
-        result = {"top1": 100 * totals[1].item() / n, "top5": 100 * totals[2].item() / n,
+        result = {"top1": totals[1].item() / n, "top5": totals[2].item() / n,  # fractions, as every stage's
                   "loss": totals[3].item() / n, "samples": scored, "expected_samples": expected}
         if scored != expected:  # identical on every rank (all-reduced), so the gather below is collective
             warning = sample_shortfall("validation", scored, expected, _summed_over_ranks(skipped),
@@ -158,11 +159,3 @@ def _summed_over_ranks(counts: Counter) -> dict[str, int]:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, dict(counts))
     return dict(sum((Counter(part) for part in parts), Counter()))
-
-
-@torch.no_grad()
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
-    k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices
-    hits = top.eq(labels[:, None])
-    return {k: int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks}

@@ -15,7 +15,7 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.data.image_text import image_text_loader
 from pipeline.data.shards import resolve_shards
-from pipeline.models.clip import build_clip, check_clip_name, clip_param_groups, get_tokenizer
+from pipeline.models.clip import check_clip_name, get_tokenizer
 from pipeline.tasks.base import Task
 from pipeline.tasks.contrastive_eval import evaluate_contrastive, zeroshot_sets
 from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_loss
@@ -47,13 +47,6 @@ class ContrastiveTask(Task):
         except ValueError as err:
             raise ConfigError("eval.zeroshot", str(err)) from None
 
-    def build_model(self) -> torch.nn.Module:
-        return build_clip(self.cfg.model, self.cfg.contrastive)
-
-    def param_groups(self, model: torch.nn.Module) -> list[dict]:
-        # open_clip_train's groups; locked (LiT) parameters have requires_grad False and stay out.
-        return clip_param_groups(model, self.cfg.optim.weight_decay)
-
     def train_batches(self, rank, world_size, start):
         cfg = self.cfg
         return iter(image_text_loader(self.train_sources, cfg.data, self.tokenizer, rank, world_size,
@@ -71,7 +64,7 @@ class ContrastiveTask(Task):
         cfg = self.cfg
         return evaluate_contrastive(
             module, self.tokenizer, cfg.data, cfg.eval, cfg.contrastive, self.val_sources, self.device,
-            self.autocast, rank, world_size, seed=cfg.run.seed,
+            self.amp, rank, world_size, seed=cfg.run.seed,
         )
 
 

@@ -6,29 +6,31 @@
   * on data.val image-text shards: the contrastive loss per validation batch (as open_clip_train's
     clip_val_loss) and image<->text retrieval recall@k over the whole validation set.
 
-This file only adapts: it feeds the stage's functions from the training reader (its rank split and
-skip counting) and gathers across ranks. Metric values are fractions, as `launch eval` writes them.
+Both read through pipeline.data's evaluation stream, as `launch eval` does (each rank its share, every
+sample once, skips counted by reason); this file gathers across ranks. Metric values are fractions, as `launch eval` writes them.
 """
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from pipeline.config import zeroshot_entry
-from pipeline.data.image_text import as_is, image_text_loader
-from pipeline.data.labelled import DecodeLabelled, eval_transform
-from pipeline.data.shards import Shard, resolve_shards
-from pipeline.data.stream import EvalStream
+from pipeline.data.eval_batches import labelled_batches
+from pipeline.data.image_text import image_text_loader
+from pipeline.data.labelled import eval_transform
+from pipeline.data.shards import Shard
 from pipeline.evaluation import datasets
 from pipeline.evaluation.metrics import classification_metrics
 from pipeline.evaluation.retrieval import recall_metrics
 from pipeline.evaluation.runtime import SkipTally
-from pipeline.evaluation.tasks import _zero_shot_prompts
-from pipeline.evaluation.zero_shot import build_classifier, predict
+from pipeline.evaluation.tasks import dataset_zero_shot_prompts
+from pipeline.evaluation.zero_shot import build_zeroshot_head, predict
+from pipeline.metrics import prefixed, zeroshot_prefix
+from pipeline.precision import autocast
 from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_loss
 
 ZEROSHOT_SPLIT = "test"
@@ -55,23 +57,12 @@ def _skipped(counts) -> dict:
     return {"skipped_samples": dict(counts)} if counts else {}
 
 
-def _labelled_batches(data_dir: Path, transform, rank: int, world_size: int, batch_size: int,
-                      num_workers: int) -> Iterator[datasets.Batch]:
-    """The stage's Batch objects from the training reader: each rank reads its share, every sample once."""
-    split_dir = datasets.find_shards(data_dir, ZEROSHOT_SPLIT)[0].parent
-    stream = EvalStream(resolve_shards(str(split_dir)), rank, world_size, batch_size, DecodeLabelled(transform))
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=as_is, num_workers=num_workers,
-                                         persistent_workers=False)
-    for (images, labels), skipped in loader:
-        yield datasets.Batch(images=images, labels=labels, skipped=dict(skipped))
-
-
 def zero_shot(module, tokenizer: Callable, data_dir: str, data_cfg, batch_size: int, device: torch.device,
               amp: bool, rank: int, world_size: int) -> dict:
-    classnames, templates, _ = _zero_shot_prompts(Path(data_dir), ZEROSHOT_SPLIT)
-    classifier = build_classifier(module, tokenizer, classnames, templates, device, amp=amp)
-    batches = _labelled_batches(Path(data_dir), eval_transform(data_cfg), rank, world_size, batch_size,
-                                data_cfg.num_workers_per_rank)
+    classnames, templates, _ = dataset_zero_shot_prompts(Path(data_dir), ZEROSHOT_SPLIT)
+    classifier = build_zeroshot_head(module, tokenizer, classnames, templates, device, amp=amp)
+    batches = labelled_batches(datasets.split_shards(Path(data_dir), ZEROSHOT_SPLIT), eval_transform(data_cfg),
+                               batch_size, data_cfg.num_workers_per_rank, rank, world_size)
     tally = SkipTally()
     try:
         logits, targets = predict(module, classifier, batches, device, tally, amp=amp)
@@ -96,9 +87,12 @@ def val_contrastive(module, tokenizer: Callable, sources: list[list[Shard]], dat
                                batch_size=batch_size)
     images, texts, skipped = [], [], Counter()
     loss_sum = torch.zeros(2, dtype=torch.float64)  # sum of per-sample losses, samples
-    for (pixels, tokens), reasons in loader:
-        skipped.update(reasons)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    for item in loader:
+        skipped.update(item.skips)
+        if item.batch is None:
+            continue
+        pixels, tokens = item.batch
+        with autocast(device, amp):
             outputs = module(pixels.to(device), tokens.to(device))
         loss = contrastive_loss(loss_fn, outputs)
         loss_sum += torch.tensor([loss.item() * len(tokens), len(tokens)], dtype=torch.float64)
@@ -120,7 +114,8 @@ def val_contrastive(module, tokenizer: Callable, sources: list[list[Shard]], dat
 def evaluate_contrastive(module, tokenizer: Callable, data_cfg, eval_cfg, contrastive_cfg,
                          val_sources: list[list[Shard]], device: torch.device, amp: bool, rank: int,
                          world_size: int, seed: int) -> dict:
-    """Every metric of one evaluation, identical on every rank (the trainer prefixes them with val_)."""
+    """Every metric of one evaluation, identical on every rank, named as inside val/ (the trainer prefixes
+    them): loss, retrieval recalls and samples of data.val; zeroshot/<set>/acc1 ... per zero-shot set."""
     batch_size = eval_cfg.batch_size_per_rank or data_cfg.batch_size_per_rank
     results: dict = {}
     if val_sources:
@@ -128,5 +123,5 @@ def evaluate_contrastive(module, tokenizer: Callable, data_cfg, eval_cfg, contra
                                        device, amp, rank, world_size, seed))
     for name, path in zeroshot_sets(eval_cfg.zeroshot):
         metrics = zero_shot(module, tokenizer, path, data_cfg, batch_size, device, amp, rank, world_size)
-        results.update({f"zeroshot_{name}_{key}": value for key, value in metrics.items()})
+        results.update(prefixed(zeroshot_prefix(name), metrics))
     return results

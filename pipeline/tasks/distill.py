@@ -11,7 +11,6 @@ lives outside the DeepSpeed engine, so it is never written into the student's ch
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import open_clip
@@ -20,21 +19,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms import Normalize
 
+from pipeline import families
 from pipeline.config import Config, ConfigError
 from pipeline.data.shards import read_manifest
+from pipeline.precision import autocast
 from pipeline.tasks.classify import ClassifyTask, num_classes_of, train_class_names
 from pipeline.tasks.contrastive import ContrastiveTask
 from pipeline.tasks.contrastive_loss import clamp_logit_scale
-
-
-def teacher_hint(ref: str) -> str:
-    """When the teacher is a missing run of ours, name the command that produces it."""
-    name = Path(ref).name
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    for path in sorted(configs.glob("*.yaml")):
-        if f"name: {name}\n" in path.read_text():
-            return f"; `launch pretrain --config configs/{path.name}` produces it"
-    return ""
 
 
 def load_teacher(cfg: Config):
@@ -43,8 +34,7 @@ def load_teacher(cfg: Config):
     try:
         return resolve(cfg.distill.teacher, cfg.distill.teacher_model)
     except ValueError as err:
-        hint = teacher_hint(cfg.distill.teacher) if not os.path.exists(cfg.distill.teacher) else ""
-        raise ConfigError("distill.teacher", f"{err}{hint}") from None
+        raise ConfigError("distill.teacher", str(err)) from None
 
 
 def zero_shot_prompts(cfg: Config) -> tuple[list[str], list]:
@@ -73,6 +63,12 @@ def _teacher_normalize(preprocess) -> Normalize | None:
     return None
 
 
+def gives_logits(resolved) -> bool:
+    """Whether a teacher's own outputs are class logits: its family scores `launch eval classify`. Otherwise
+    (CLIP) its logits come from a zero-shot head over class-name prompts."""
+    return "classify" in families.get(resolved.kind).eval_tasks
+
+
 class TeacherLogits(torch.nn.Module):
     """Frozen teacher: student-normalised images -> class logits."""
 
@@ -82,11 +78,11 @@ class TeacherLogits(torch.nn.Module):
         self.kind = resolved.kind
         self.renormalize = self.renormalizer(resolved.preprocess, cfg, device)
         self.head = None
-        if self.kind == "clip":
-            from pipeline.evaluation.zero_shot import LOGIT_SCALE, build_classifier
+        if not gives_logits(resolved):
+            from pipeline.evaluation.zero_shot import LOGIT_SCALE, build_zeroshot_head
 
             classnames, templates = zero_shot_prompts(cfg)
-            self.head = build_classifier(self.model, resolved.tokenizer, classnames, templates, device) * LOGIT_SCALE
+            self.head = build_zeroshot_head(self.model, resolved.tokenizer, classnames, templates, device) * LOGIT_SCALE
 
     @staticmethod
     def renormalizer(preprocess, cfg: Config, device: torch.device):
@@ -116,7 +112,7 @@ class DistillClassifierTask(ClassifyTask):
     def check(cls, cfg: Config) -> list[str]:
         notes = super().check(cfg)
         resolved = load_teacher(cfg)
-        if resolved.kind == "classifier":
+        if gives_logits(resolved):
             classes = _classifier_outputs(resolved.model)
             if classes != num_classes_of(cfg):
                 raise ConfigError("distill.teacher", f"teacher predicts {classes} classes, the student "
@@ -128,7 +124,7 @@ class DistillClassifierTask(ClassifyTask):
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
         images, targets = self.mixed_view(batch)  # augmented once by the stream, mixed once: the shared view
-        with self.autocast_context():
+        with autocast(self.device, self.amp):
             teacher_logits = self.teacher(images)
         student_logits = engine(images).float()
         loss = self.cfg.distill.distill_weight * kl_teacher_student(teacher_logits, student_logits, self.temperature)
@@ -183,7 +179,7 @@ class DistillContrastiveTask(ContrastiveTask):
         if cfg.contrastive.loss != "clip":
             raise ConfigError("contrastive.loss", "CLIP distillation matches softmax similarity distributions: use clip")
         resolved = load_teacher(cfg)
-        if resolved.kind != "clip":
+        if resolved.kind != cfg.model.kind:  # the teacher's similarities come from its own two towers
             raise ConfigError("distill.teacher", f"a CLIP student needs a CLIP teacher, got a {resolved.kind}")
         probe = "a photo of the handwritten digit seven"
         ours = open_clip.get_tokenizer(cfg.model.name)([probe])
@@ -194,7 +190,7 @@ class DistillContrastiveTask(ContrastiveTask):
     def loss(self, engine, batch) -> tuple[torch.Tensor, int]:
         images, texts = batch
         images, texts = self.images_to_device(images), texts.to(self.device, non_blocking=True)
-        with torch.no_grad(), self.autocast_context():
+        with torch.no_grad(), autocast(self.device, self.amp):
             teacher = {"image_features": self.teacher.encode_image(self.renormalize(images), normalize=True),
                        "text_features": self.teacher.encode_text(texts, normalize=True),
                        "logit_scale": self.teacher.logit_scale.exp()}
