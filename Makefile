@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
+
+# The unit layer alone: no Ray, DeepSpeed engines, training subprocesses or servers (tests/conftest.py).
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not integration" tests
 
 clean:
 	rm -rf runs data/samples

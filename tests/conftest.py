@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray cluster for the whole session, kept on 127.0.0.1."""
+"""Shared fixtures: one local Ray cluster for the whole session, kept on 127.0.0.1; the integration marker."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,29 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# The `integration` marker (pyproject.toml) goes on every test that starts a Ray cluster, DeepSpeed engines,
+# training runs in subprocesses, a server (moto S3, a Ray head) or multi-process gloo groups, so that
+# `pytest -m "not integration"` (make test-fast) is the unit layer alone. A test is integration when it
+# uses one of these fixtures (directly or through a fixture of its module) ...
+INTEGRATION_FIXTURES = frozenset({"ray_session", "s3_server", "s3_bucket"})
+# ... or lives in one of these files, each of which is about such runs throughout ...
+INTEGRATION_FILES = frozenset({
+    "test_clip_loss.py",  # two gloo ranks under Ray against one process
+    "test_clip_train.py", "test_compile.py", "test_embedded_ray.py",
+    "test_engine_precision.py",  # DeepSpeed engines in subprocesses
+    "test_lamb_zero.py",  # two ZeRO ranks over gloo (mp.spawn)
+    "test_preemption.py", "test_pretrain.py", "test_round_trips.py", "test_s3_data.py",
+    "test_s3_runs.py", "test_submit.py", "test_training_paths.py", "test_two_node.py",
+    "test_two_node_s3.py",
+})
+# ... or carries @pytest.mark.integration itself (a slow test in an otherwise fast file).
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in INTEGRATION_FILES or INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

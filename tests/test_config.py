@@ -73,6 +73,7 @@ def run_launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.integration  # `python -m launch` subprocesses
 def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     path = write(tmp_path, "data:\n  train: shards/\noptim:\n  lr: -1\n")
     result = run_launch("pretrain", "--config", str(path), cwd=tmp_path)
@@ -82,6 +83,7 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.integration  # `python -m launch` subprocesses
 def test_cli_missing_shards_stops_before_workers(tmp_path):
     path = write(tmp_path, "data:\n  train: no/such/folder\n  num_classes: 10\n")
     result = run_launch("pretrain", "--config", str(path), cwd=tmp_path)
@@ -91,6 +93,7 @@ def test_cli_missing_shards_stops_before_workers(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing was started or written
 
 
+@pytest.mark.integration  # `python -m launch` subprocesses
 def test_cli_too_few_samples_for_one_global_batch(tmp_path, digits_root):
     path = write(tmp_path, f"data:\n  train: {digits_root}/labelled/val\n  batch_size_per_rank: 4096\n")
     result = run_launch("pretrain", "--config", str(path), cwd=tmp_path)

@@ -121,6 +121,9 @@ def test_idempotent_and_deterministic(digits_root: Path, tmp_path: Path) -> None
     for rel in DATASETS:
         shas = [json.loads((r / rel / "manifest.json").read_text())["shards"] for r in (digits_root, again)]
         assert [s["sha256"] for s in shas[0]] == [s["sha256"] for s in shas[1]]
+        # ... and each is the hash of the bytes on disk, computed here rather than by data_prep.
+        assert [s["sha256"] for s in shas[1]] == [hashlib.sha256((again / rel / s["name"]).read_bytes()).hexdigest()
+                                                  for s in shas[1]]
 
 
 def test_concurrent_writers_leave_one_complete_corpus(tmp_path: Path) -> None:

@@ -337,6 +337,7 @@ def test_retry_failed_reprocesses_only_failures(tmp_path: Path, server: _Server)
     assert [s["key"] for s in _stats(tmp_path / "out")] == sorted(_samples(tmp_path / "out"))
 
 
+@pytest.mark.integration  # a data-prep subprocess killed mid-job
 def test_resume_after_kill_mid_job(tmp_path: Path, server: _Server) -> None:
     urls = [f"{server.base}/drip/{i % 12}.jpg" for i in range(16)]
     pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(16)]}), tmp_path / "d.parquet")

@@ -35,6 +35,18 @@ def test_open_clip_training_checkpoint_and_safetensors(tmp_path, clip_name):
         assert resolved.tokenizer(["a cat"]).shape == (1, 77)
 
 
+
+def test_state_dict_sha256_is_sha256_over_name_dtype_shape_and_bytes():
+    # Written out by hand, so the hashes the tests above compare are themselves checked: tensors in name
+    # order, each as "name|dtype|shape" and a newline, then its little-endian bytes.
+    import hashlib
+    import struct
+
+    state = {"w": torch.tensor([[1.0, -2.0]]), "b": torch.tensor([7], dtype=torch.int16)}
+    expected = hashlib.sha256(b"b|torch.int16|(1,)\n" + struct.pack("<h", 7)
+                              + b"w|torch.float32|(1, 2)\n" + struct.pack("<2f", 1.0, -2.0)).hexdigest()
+    assert state_dict_sha256(state) == expected
+
 def test_timm_checkpoint_gets_its_head_size(tmp_path):
     model = timm.create_model("test_resnet", pretrained=False, num_classes=13)
     torch.save(model.state_dict(), tmp_path / "model.pth")

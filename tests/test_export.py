@@ -37,6 +37,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.integration  # a fresh interpreter imports open_clip (seconds each)
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_open_clip_export_loads_in_a_fresh_open_clip(tmp_path, clip_file, suffix):
     name, weights = clip_file

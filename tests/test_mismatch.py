@@ -374,6 +374,7 @@ def no_ray_run(digits_root, tmp_path_factory):
     return out / "recorded", result.stdout
 
 
+@pytest.mark.integration  # a `launch pretrain --no-ray` subprocess (no_ray_run)
 def test_training_records_its_class_names_in_every_checkpoint(no_ray_run):
     run_dir, _ = no_ray_run
     metas = [json.loads((p / "meta.json").read_text()) for p in sorted((run_dir / "checkpoints").iterdir())]
@@ -381,6 +382,7 @@ def test_training_records_its_class_names_in_every_checkpoint(no_ray_run):
     assert all(m["class_names"] == CLASSNAMES for m in metas)
 
 
+@pytest.mark.integration  # a `launch pretrain --no-ray` subprocess (no_ray_run)
 def test_training_validation_says_what_it_mapped_and_what_it_missed(no_ray_run):
     run_dir, stdout = no_ray_run
     final = json.loads((run_dir / "final_metrics.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 from pipeline import storage
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_round_trip_listing_ranges_and_folders(where, tmp_path, request):
     base = str(tmp_path / "base") if where == "local" else request.getfixturevalue("s3_bucket") + "/base"
     storage.write_text(storage.join(base, "a.txt"), "hello world")
