@@ -118,11 +118,18 @@ def test_pretrain_job_spans_both_nodes_and_checkpoints(two_nodes, digits_root, t
     assert outward_sockets(two_nodes) == []  # the job's traffic stayed on 127.0.0.1 too
 
 
-def test_a_ray_drain_notice_becomes_a_checkpoint_at_that_step(two_nodes, digits_root, tmp_path):
-    """Ray's node drain notice (what a spot reclaim looks like to Ray) reaches the ranks through Ray Train's
-    preemption watcher: every rank checkpoints the step it is at and the run stops as preempted (exit 75).
+@pytest.fixture()
+def two_nodes_to_drain():
+    """Its own cluster: a drained node stays draining, which no other test should inherit."""
+    with local_cluster(token=secrets.token_hex(32), num_cpus=1, resources={"node_a": 1}) as cluster:
+        cluster.add_node(num_cpus=1, resources={"node_b": 1})
+        yield cluster
 
-    Last in this module: node_b stays draining afterwards."""
+
+def test_a_ray_drain_notice_becomes_a_checkpoint_at_that_step(two_nodes_to_drain, digits_root, tmp_path):
+    """Ray's node drain notice (what a spot reclaim looks like to Ray) reaches the ranks through Ray Train's
+    preemption watcher: every rank checkpoints the step it is at and the run stops as preempted (exit 75)."""
+    two_nodes = two_nodes_to_drain
     run, output_dir = "drained", tmp_path / "runs"
     overrides = {
         "run.name": run, "run.output_dir": str(output_dir), "run.log_every_steps": 5,
