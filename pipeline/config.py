@@ -7,6 +7,7 @@ file, so the launcher can print one line and stop before any worker starts.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ class RunSection:
     """Seed for model init, augmentation and shard order."""
     log_every_steps: int = 10
     """Interval of metrics.jsonl rows and the console progress line."""
+    trackers: tuple[str, ...] = ("tensorboard",)
+    """Experiment trackers fed by rank 0 with every metrics.jsonl row (pipeline/reporting/trackers.py):
+    any of tensorboard, wandb (WANDB_* variables; WANDB_MODE=offline works without a network), mlflow
+    (MLFLOW_TRACKING_URI chooses the server). A tracker that cannot start is a one-line warning."""
     inject_failure_at_step: Optional[int] = None
     """Fault drill: the last rank exits abruptly (os._exit) at this step, once per run directory."""
     inject_failure_in_checkpoint: bool = False
@@ -137,6 +142,12 @@ class ContrastiveSection:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = False
+    matryoshka_dims: tuple[int, ...] = ()
+    """Matryoshka representation learning (Kusupati et al. 2022): the loss is also taken over these nested
+    prefixes of the embedding (each renormalised), so embeddings can be truncated to any of them. Empty =
+    off; the full embedding width is always included."""
+    matryoshka_weights: Optional[tuple[float, ...]] = None
+    """One weight per matryoshka_dims entry (the full width keeps weight 1); null = 1 for every prefix."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +273,13 @@ class EvalSection:
     """Defaults to data.batch_size_per_rank."""
     zeroshot: tuple[str, ...] = ()
     """Zero-shot sets (CLIP_benchmark webdataset layout) evaluated with the validation (CLIP models)."""
+    async_: bool = False
+    """YAML key `async`. Evaluate each complete checkpoint in a separate Ray actor while training goes on
+    (data.val and eval.zeroshot, as `launch eval` would); results are logged at the checkpoint's step."""
+    async_num_cpus: float = 1.0
+    """CPUs reserved for the asynchronous evaluation actor."""
+    async_num_gpus: float = 0.0
+    """GPUs reserved for the asynchronous evaluation actor (0 = evaluate on the CPU)."""
 
 
 SECTIONS: dict[str, type] = {
@@ -309,7 +327,8 @@ class Config:
             raise err.with_source(source) from None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {section: {_yaml_key(k): v for k, v in values.items()}
+                for section, values in dataclasses.asdict(self).items()}
 
     @property
     def run_url(self) -> str:
@@ -329,16 +348,22 @@ class Config:
         return Path(self.run.output_dir) / self.run.name
 
 
+# Keys that are Python keywords live in fields with a trailing underscore (eval.async -> async_).
+# to_dict() writes the YAML spelling, so a config travels and dumps as users write it.
+def _yaml_key(field_name: str) -> str:
+    return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
+
+
 def _build_section(cls: type, raw: Any, section: str):
     if not isinstance(raw, dict):
         raise ConfigError(section, f"expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {_yaml_key(f.name): f.name for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
-        if key not in names:
-            raise ConfigError(f"{section}.{key}", f"unknown key (valid: {', '.join(sorted(names))})")
-        values[key] = _coerce(value, hints[key], f"{section}.{key}")
+        if key not in fields:
+            raise ConfigError(f"{section}.{key}", f"unknown key (valid: {', '.join(sorted(fields))})")
+        values[fields[key]] = _coerce(value, hints[fields[key]], f"{section}.{key}")
     return cls(**values)
 
 
@@ -402,6 +427,7 @@ _CHOICES = {
     "model.compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.sample_corpus": ("digits", None),
 }
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 def validate(cfg: Config) -> None:
@@ -472,6 +498,11 @@ def validate(cfg: Config) -> None:
     check(cfg.checkpoint.preempt_grace_s > 0, "checkpoint.preempt_grace_s", "must be > 0")
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the newest is always kept)")
     check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    check(cfg.eval.async_num_cpus > 0 and cfg.eval.async_num_gpus >= 0, "eval.async_num_cpus",
+          "async_num_cpus must be > 0 and async_num_gpus >= 0")
+    unknown_trackers = [t for t in cfg.run.trackers if t not in TRACKERS]
+    check(not unknown_trackers, "run.trackers", f"unknown tracker {unknown_trackers[0] if unknown_trackers else None!r} (valid: {', '.join(TRACKERS)})")
+    check(len(set(cfg.run.trackers)) == len(cfg.run.trackers), "run.trackers", "lists a tracker twice")
     check(not (cfg.model.compile and cfg.deepspeed.zero_stage == 3), "model.compile",
           "not supported with deepspeed.zero_stage 3 (ZeRO-3 gathers parameters in hooks the compiled graph "
           "would break on): use zero_stage <= 2")
@@ -483,6 +514,13 @@ def validate(cfg: Config) -> None:
     contrastive = cfg.contrastive
     check(contrastive.lock_image_unlocked_groups >= 0, "contrastive.lock_image_unlocked_groups", "must be >= 0")
     check(contrastive.lock_text_unlocked_layers >= 0, "contrastive.lock_text_unlocked_layers", "must be >= 0")
+    dims = contrastive.matryoshka_dims
+    check(all(d >= 1 for d in dims) and len(set(dims)) == len(dims), "contrastive.matryoshka_dims",
+          f"must be distinct positive widths, got {list(dims)}")
+    weights = contrastive.matryoshka_weights
+    check(weights is None or len(weights) == len(dims), "contrastive.matryoshka_weights",
+          f"needs one weight per matryoshka_dims entry ({len(dims)}), got {0 if weights is None else len(weights)}")
+    check(weights is None or all(w > 0 for w in weights), "contrastive.matryoshka_weights", "weights must be > 0")
     if cfg.data.global_batch_size is not None:
         per_step = cfg.data.batch_size_per_rank * cfg.deepspeed.gradient_accumulation_steps * cfg.ray.num_workers
         check(cfg.data.global_batch_size == per_step, "data.global_batch_size",

@@ -106,3 +106,25 @@ def test_cli_too_few_samples_for_one_global_batch(tmp_path, digits_root):
 def test_shipped_recipes_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.model.kind == "classifier"
+
+
+def test_keyword_keys_are_written_as_users_write_them(tmp_path):
+    """eval.async is a Python keyword: the field is async_, the YAML key and what travels is `async`."""
+    cfg = load_config(write(tmp_path, SMOKE.read_text() + "\neval:\n  async: true\n"),
+                      ["run.trackers=[tensorboard, mlflow]", "contrastive.matryoshka_dims=[8, 16]"])
+    assert cfg.eval.async_ is True and cfg.run.trackers == ("tensorboard", "mlflow")
+    assert cfg.to_dict()["eval"]["async"] is True and "async_" not in cfg.to_dict()["eval"]
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run.trackers=[tensorboard, comet]", "run.trackers"),
+    ("run.trackers=[mlflow, mlflow]", "run.trackers"),
+    ("contrastive.matryoshka_dims=[8, 8]", "contrastive.matryoshka_dims"),
+    ("contrastive.matryoshka_weights=[1.0]", "contrastive.matryoshka_weights"),
+    ("eval.async_=true", "eval.async_"),
+])
+def test_tracker_matryoshka_and_async_mistakes_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, [override])
+    assert err.value.key == key
