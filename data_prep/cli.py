@@ -16,6 +16,7 @@ from typing import Sequence
 from data_prep import __version__
 from data_prep.fetch import FetchOptions
 from data_prep.images import RESAMPLE_FILTERS, RESIZE_MODES, ImageOptions
+from data_prep.opt_out import DEFAULT_DISALLOWED_DIRECTIVES, parse_directive_list
 
 
 def _add_image_args(parser: argparse.ArgumentParser, default_size: int = 256) -> None:
@@ -42,6 +43,8 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--retry-failed", action="store_true",
                        help="re-process only the rows that failed in an earlier run")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--no-report", action="store_true",
+                       help="skip OUTPUT/stats/ (the report `data-prep stats` writes) at the end of the job")
 
 
 def _add_shuffle_args(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +60,12 @@ def _add_fetch_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt")
     group.add_argument("--retries", type=int, default=2, help="extra attempts on transient errors")
     group.add_argument("--max-image-bytes", type=int, default=50 * 1024 * 1024)
-    group.add_argument("--user-agent", default=FetchOptions.user_agent)
+    group.add_argument("--user-agent", default=FetchOptions.user_agent,
+                       help="also names us in X-Robots-Tag: its product token (before the '/') is obeyed "
+                            "besides data-prep and img2dataset")
+    group.add_argument("--disallowed-header-directives", default=",".join(DEFAULT_DISALLOWED_DIRECTIVES),
+                       help="X-Robots-Tag directives (for every robot, or for us) that drop an image as "
+                            "opt_out (default %(default)s; '' obeys none)")
 
 
 def _add_caption_table_args(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
     ver.add_argument("dir", type=Path, help="a dataset folder, or a folder holding several")
     ver.set_defaults(func=_run_verify)
+
+    st = sub.add_parser("stats", help="report what a dataset holds (DIR/stats/report.md, .html, PNG plots)")
+    st.add_argument("dir", type=Path, help="a dataset folder, or a folder holding several")
+    st.set_defaults(func=_run_stats)
     return parser
 
 
@@ -143,7 +155,8 @@ def _job_options(args: argparse.Namespace):  # -> JobOptions (imported lazily: k
     shuffle_seed = None if getattr(args, "no_shuffle", True) else args.shuffle_seed
     return JobOptions(args.shard_size, args.workers, args.address, args.threads, args.dedup,
                       args.retry_failed, not args.no_progress, shuffle_seed,
-                      publish=getattr(args, "bucket_output", None))
+                      publish=getattr(args, "bucket_output", None),
+                      write_report=not getattr(args, "no_report", False))
 
 
 def _image_text_request(args: argparse.Namespace):
@@ -152,7 +165,8 @@ def _image_text_request(args: argparse.Namespace):
     source, column = next((s, getattr(args, f"{s}_col")) for s in ("url", "path", "bytes")
                           if getattr(args, f"{s}_col"))
     fetch = FetchOptions(args.timeout, args.retries, max_bytes=args.max_image_bytes,
-                         user_agent=args.user_agent)
+                         user_agent=args.user_agent,
+                         disallowed_header_directives=parse_directive_list(args.disallowed_header_directives))
     return ImageTextRequest(tuple(args.input), args.output, args.caption_col, column, source,
                             getattr(args, "key_col", None), _image_options(args), fetch,
                             _job_options(args))
@@ -218,6 +232,15 @@ def _run_verify(args: argparse.Namespace) -> int:
     if failed:
         print(f"data-prep verify: {failed} dataset(s) do not match their manifest", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from data_prep.report import write_report
+    from data_prep.verify import find_datasets
+
+    for folder in find_datasets(args.dir):
+        print(f"{folder}: report at {write_report(folder)}")
+    return 0
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -1,5 +1,6 @@
 """URL downloads with a total deadline, retries with back-off, a user agent and a size limit.
-Every failure becomes `RowRejected` with a reason such as `http_404` or `timeout`."""
+Every failure becomes `RowRejected` with a reason such as `http_404` or `timeout`; an image whose server
+opts out of our use (`X-Robots-Tag: noai`, data_prep/opt_out.py) becomes `opt_out`."""
 from __future__ import annotations
 
 import http.client
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from data_prep import __version__
 from data_prep.images import RowRejected
+from data_prep.opt_out import DEFAULT_DISALLOWED_DIRECTIVES, HEADER, disallowing_directive, robots_tokens
 
 _CHUNK_BYTES = 1 << 16
 
@@ -26,6 +28,8 @@ class FetchOptions:
     max_bytes: int = 50 * 1024 * 1024
     """Bodies larger than this are rejected as too_large without reading them to the end."""
     user_agent: str = f"data-prep/{__version__} (+https://github.com/resclip-pipeline)"
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_DIRECTIVES
+    """X-Robots-Tag directives (for every robot, or addressed to us) that drop a row as opt_out; () reads none."""
 
 
 def fetch_url(url: str, options: FetchOptions) -> bytes:
@@ -55,6 +59,12 @@ def _fetch_once(url: str, options: FetchOptions) -> bytes:
     deadline = time.monotonic() + options.timeout_seconds
     try:
         with urllib.request.urlopen(request, timeout=options.timeout_seconds) as response:
+            # Checked on the headers, before the body: an opted-out image is never downloaded.
+            opted_out = disallowing_directive(response.headers.get_all(HEADER) or [],
+                                              robots_tokens(options.user_agent),
+                                              options.disallowed_header_directives)
+            if opted_out:
+                raise RowRejected("opt_out", opted_out)
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > options.max_bytes:
                 raise RowRejected("too_large", f"{length} bytes")

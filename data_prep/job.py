@@ -56,6 +56,8 @@ class JobOptions:
     Evaluation sets always keep it."""
     publish: "BucketOutput | None" = None
     """--output in a bucket: out_dir is its staging folder, each finished shard is uploaded (data_prep/bucket.py)."""
+    write_report: bool = True
+    """Write out_dir/stats/ (report.md, report.html, plots; data_prep/report.py) once the manifest is written."""
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.num_workers < 1 or self.num_threads < 1:
@@ -93,6 +95,10 @@ def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOp
     manifest = _finalize(out_dir, spec, tasks, sources, job, dataset_name=dataset_name, split=split,
                          source_info=source_info, extra_rejected=extra_rejected or {},
                          manifest_extra=manifest_extra or {})
+    if job.write_report:
+        from data_prep.report import write_report  # matplotlib: imported only when a report is written
+
+        write_report(out_dir)
     return JobReport(manifest, len(todo), time.monotonic() - start)
 
 

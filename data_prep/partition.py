@@ -25,6 +25,9 @@ _STATS_SCHEMA = pa.schema([
     ("row", pa.int64()), ("source", pa.string()), ("source_row", pa.int64()), ("path", pa.string()),
     ("key", pa.string()), ("status", pa.string()), ("detail", pa.string()),
     ("sha256", pa.string()), ("original_width", pa.int32()), ("original_height", pa.int32()),
+    # What `data-prep stats` reads about each written sample, so the report never opens a tar. Stats
+    # files written before these columns lack them; readers treat them as optional.
+    ("width", pa.int32()), ("height", pa.int32()), ("caption", pa.string()), ("label", pa.int32()),
 ])
 
 
@@ -178,8 +181,16 @@ def _status(spec: RowSpec, task: PartitionTask, offset: int, row: dict, key: str
         status.update(status=outcome.reason, detail=detail[:500])
     else:
         status.update(sha256=outcome.sha256, original_width=outcome.image.original_width,
-                      original_height=outcome.image.original_height)
+                      original_height=outcome.image.original_height, width=outcome.image.width,
+                      height=outcome.image.height, **_text_columns(outcome.sample))
     return status
+
+
+def _text_columns(sample: Sample) -> dict[str, Any]:
+    """The sample's caption(s) (.txt) and class index (.cls) for the stats file."""
+    txt, cls = sample.files.get("txt"), sample.files.get("cls")
+    return {"caption": None if txt is None else txt.decode("utf-8"),
+            "label": None if cls is None else int(cls)}
 
 
 def _write_tar(out: Path, task: PartitionTask, samples: list[Sample]) -> ShardRecord:
