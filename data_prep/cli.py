@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=_run_verify)
 
     st = sub.add_parser("stats", help="report what a dataset holds (DIR/stats/report.md, .html, PNG plots)")
-    st.add_argument("dir", type=Path, help="a dataset folder, or a folder holding several")
+    st.add_argument("dir", help="a dataset folder, or a folder holding several (local or s3://, gs://)")
     st.set_defaults(func=_run_stats)
     return parser
 
@@ -235,10 +235,16 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    from data_prep.report import write_report
+    from data_prep.report import write_bucket_reports, write_report
     from data_prep.verify import find_datasets
+    from pipeline import storage
 
-    for folder in find_datasets(args.dir):
+    if storage.is_remote(args.dir):
+        storage.check_reachable(args.dir, "DIR", writable=True)  # StorageError: one line
+        for report in write_bucket_reports(args.dir):
+            print(f"report at {report}")
+        return 0
+    for folder in find_datasets(Path(args.dir)):
         print(f"{folder}: report at {write_report(folder)}")
     return 0
 

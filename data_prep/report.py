@@ -6,15 +6,19 @@ so the Markdown and the HTML never disagree. Fractions are fractions (0.25, not 
 from __future__ import annotations
 
 import html
+import posixpath
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from data_prep.corpus_stats import PERCENTILES, CorpusStats, collect
+from data_prep.corpus_stats import PERCENTILES, CorpusStats, collect, stats_files
+from data_prep.manifest import MANIFEST_NAME, checked_manifest
 from data_prep.partition import OK
 from data_prep.writer import write_bytes_atomic
+from pipeline import storage
 
 REPORT_DIR = "stats"
 MAX_TABLE_ROWS = 20
@@ -36,6 +40,31 @@ def write_report(folder: Path | str) -> Path:
     write_bytes_atomic(out / "report.md", to_markdown(blocks).encode("utf-8"))
     write_bytes_atomic(out / "report.html", to_html(blocks, _title(stats)).encode("utf-8"))
     return out / "report.md"
+
+
+def write_bucket_reports(url: str) -> list[str]:
+    """`data-prep stats s3://...`: for the dataset folder at `url` (or each one below it), fetch its
+    manifest and stats files (never a tar) into a temporary folder, write the report there and upload
+    it to FOLDER/stats/. Returns the report.md URLs."""
+    fs, inner = storage.filesystem(url)
+    prefix = storage.scheme(url) + "://"
+    inner = inner.rstrip("/")
+    if fs.isfile(posixpath.join(inner, MANIFEST_NAME)):
+        folders = [inner]
+    else:
+        folders = sorted(posixpath.dirname(p) for p in fs.find(inner) if posixpath.basename(p) == MANIFEST_NAME)
+    if not folders:
+        raise ValueError(f"{url}: no {MANIFEST_NAME} here or below (not a data-prep output?)")
+    written = []
+    for folder in folders:
+        with tempfile.TemporaryDirectory(prefix="data-prep-stats-") as tmp:
+            fs.get_file(posixpath.join(folder, MANIFEST_NAME), str(Path(tmp) / MANIFEST_NAME))
+            for path in stats_files(Path(tmp), checked_manifest(Path(tmp))):
+                fs.get_file(posixpath.join(folder, path.name), str(path))
+            write_report(tmp)
+            storage.upload(Path(tmp) / REPORT_DIR, prefix + posixpath.join(folder, REPORT_DIR))
+        written.append(prefix + posixpath.join(folder, REPORT_DIR, "report.md"))
+    return written
 
 
 def _title(stats: CorpusStats) -> str:

@@ -237,3 +237,33 @@ def test_stats_class_balance_and_no_report(tmp_path: Path) -> None:
         assert {k: int(v[1]) for k, v in classes.items() if k != "class"} == {
             name: counted.get(i, 0) for i, name in enumerate(manifest["classnames"])}
         assert (folder / "stats" / "classes.png").is_file()
+
+    # Stats files written before the report existed lack the stored sizes, captions and labels: the report
+    # says what they hold and leaves out what they do not.
+    folder = tmp_path / "out" / "train"
+    for path in folder.glob("*.stats.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["width", "height", "caption", "label"]), path)
+    assert main(["stats", str(folder)]) == 0
+    tables = _md_tables((folder / "stats" / "report.md").read_text())
+    sizes = tables["Image sizes (written samples, pixels)"]
+    assert "Classes (written samples)" not in tables and "stored width" not in sizes
+    assert sizes["original width"][:7] == ["24"] * 7
+
+
+def test_stats_of_a_dataset_in_a_bucket(tmp_path: Path, s3_bucket: str) -> None:
+    import s3fs
+
+    url = f"{s3_bucket}/corpus/ds"
+    assert main(["image-text", "--input", str(_caption_table(tmp_path)), "--output", url, "--caption-col", "cap",
+                 "--bytes-col", "img", "--image-size", "12", "--shard-size", "6", "--no-progress"]) == 0
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    inner = url.split("://", 1)[1]
+    assert fs.isfile(f"{inner}/stats/report.md") and fs.isfile(f"{inner}/stats/image_sizes.png")  # the job's
+    fs.rm(f"{inner}/stats", recursive=True)
+    assert main(["stats", f"{s3_bucket}/corpus"]) == 0  # a folder above the dataset
+    manifest = json.loads(fs.cat_file(f"{inner}/manifest.json"))
+    rows = _md_tables(fs.cat_file(f"{inner}/stats/report.md").decode())["Rows"]
+    assert rows["input rows"][0] == str(manifest["num_input_rows"]) == "11"
+    assert rows["samples written"][0] == str(manifest["num_samples"])
+    assert fs.isfile(f"{inner}/stats/report.html")
