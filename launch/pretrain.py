@@ -80,6 +80,11 @@ def run_on_ray(cfg: Config, address: str | None) -> dict | None:
         return _run_on_ray(cfg, address, log)
 
 
+def tracker_env() -> dict[str, str]:
+    """The driver's WANDB_* and MLFLOW_* variables (pipeline/reporting/trackers.py reads them on rank 0)."""
+    return {name: value for name, value in os.environ.items() if name.startswith(("WANDB_", "MLFLOW_"))}
+
+
 def _run_on_ray(cfg: Config, address: str | None, log) -> dict | None:
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -110,8 +115,10 @@ def _run_on_ray(cfg: Config, address: str | None, log) -> dict | None:
             # Ray Train's INFO logs stay off the console (its per-report line escapes this: launch/console.py).
             logging_config=LoggingConfig(log_level="WARNING"),
             # Ray Train's print patch sends each print to its logger and stdout: lines appear twice. Workers on
-            # other machines reach the driver's buckets with its endpoint and credentials (storage.credential_env).
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **storage.credential_env()}},
+            # other machines reach the driver's buckets with its endpoint and credentials (storage.credential_env),
+            # and its W&B / MLflow servers and settings (run.trackers).
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **storage.credential_env(),
+                                             **tracker_env()}},
         ),
     )
     try:

@@ -1,5 +1,6 @@
-"""What a metric key means, and the run's record of them: metrics.jsonl rows, TensorBoard scalars under the
-same keys and a console progress line (rank 0 only).
+"""What a metric key means, and the run's record of them: metrics.jsonl rows, the same rows to the run's
+experiment trackers (TensorBoard by default; pipeline/reporting/trackers.py) and a console progress line
+(rank 0 only).
 
 Keys say where a number comes from (README "Metrics"):
   train/...           the log window's training numbers: loss, lr, samples_per_second, data_wait_seconds,
@@ -19,6 +20,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
 
 TRAIN, VAL, VAL_EMA = "train", "val", "val/ema"
 BOOKKEEPING = frozenset({"step", "epoch", "time_utc", "checkpoint", "preempted"})
@@ -99,32 +101,30 @@ CONSOLE_KEYS = ("epoch", "train/loss", "train/lr", "train/samples_per_second", "
 _CONSOLE_ZEROSHOT = re.compile(r"^val/zeroshot/[^/]+/acc1$")
 
 
+class RowSink(Protocol):
+    """Where rows go besides metrics.jsonl: the experiment trackers (pipeline/reporting/trackers.py Trackers)."""
+
+    def log(self, step: int, metrics: dict) -> None: ...
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, trackers: RowSink | None = None):
         self.enabled, self.total_steps = enabled, total_steps
         self.start_seconds = time.time()
-        self._writer = None
+        self._trackers = trackers
         self._jsonl = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional at run time; jsonl is the record
-                self._writer = None
 
     def log(self, step: int, metrics: dict) -> None:
-        """One row; `metrics` carry their full keys (train/loss, val/top1, epoch ...), the same in TensorBoard."""
+        """One row; `metrics` carry their full keys (train/loss, val/top1, epoch ...), the same in the trackers."""
         if not self.enabled:
             return
         row = {"step": step, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **metrics}
         self._jsonl.write(json.dumps(row) + "\n")
-        if self._writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(key, value, step)
+        if self._trackers is not None:
+            self._trackers.log(step, metrics)
         self._console(step, metrics)
 
     def _console(self, step: int, metrics: dict) -> None:
@@ -135,7 +135,5 @@ class MetricsLogger:
         print(f"[pretrain {elapsed:7.1f}s] " + " | ".join(parts), file=sys.stdout, flush=True)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()

@@ -27,7 +27,7 @@ from pipeline.engine import deepspeed_config, initialize
 from pipeline.metrics import TRAIN, VAL, VAL_EMA, MetricsLogger, prefixed
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.preemption import PREEMPTED_RECORD, Preemption, request_url
-from pipeline.run_mirror import RunMirror, run_file_exists, shown, write_run_file
+from pipeline.run_mirror import RunMirror, read_run_json, run_file_exists, shown, write_run_file
 from pipeline.tasks import task_class
 from pipeline.tasks.base import Task, all_reduce_sum
 
@@ -128,7 +128,8 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
 
     mirror = RunMirror(cfg, rank, world_size, local_rank)  # a run in a bucket: staged here, mirrored there
     start_step, position = _maybe_resume(cfg, engine, ema, rank, plan, mirror)
-    logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, total_steps=plan.total_steps)
+    trackers = _start_trackers(cfg, start_step) if rank == 0 else None
+    logger = MetricsLogger(cfg.run_dir, enabled=rank == 0, total_steps=plan.total_steps, trackers=trackers)
     if rank == 0:
         print(f"[pretrain] {world_size} rank(s) on {device.type}, {plan.steps_per_epoch} steps/epoch, "
               f"{plan.total_steps} steps, global batch {plan.samples_per_step}, starting at step {start_step}",
@@ -136,13 +137,30 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
     loop = _Loop(cfg, plan, task, engine, ema, rank, world_size, logger, report)
     loop.position, loop.mirror = position, mirror
     loop.preemption = Preemption(cfg.run_dir, rank, world_size, request_url(cfg))
+    outcome = "failed"
     try:
         final = loop.run(task.train_batches(rank, world_size, position), start_step)
+        outcome = "preempted" if final.get("preempted") else "finished"
     finally:
         loop.preemption.close()
         logger.close()
+        if trackers is not None:
+            trackers.finish(outcome)  # a finished run's record as artifacts, then the tracked runs end
     mirror.finish()  # the last checkpoint complete in the bucket, metrics and TensorBoard events beside it
     return final if final.get("preempted") else {"step": plan.total_steps, **final}
+
+
+def _start_trackers(cfg: Config, start_step: int):
+    """Rank 0's experiment trackers (run.trackers). A resumed run continues the tracked runs trackers.json
+    names; the ids are written at once (to the bucket too, for a run there), before the first checkpoint."""
+    # Imported here: the pipeline.reporting package loads matplotlib, which training does not need otherwise.
+    from pipeline.reporting.trackers import TRACKERS_RECORD, Trackers, flat_params
+
+    previous = (read_run_json(cfg, TRACKERS_RECORD) or {}) if start_step > 0 else {}
+    trackers = Trackers.start(cfg.run.trackers, cfg.run_dir, cfg.run.name, flat_params(cfg.to_dict()), previous)
+    if trackers.ids:
+        write_run_file(cfg, TRACKERS_RECORD, trackers.record())
+    return trackers
 
 
 def _build_ema(module: torch.nn.Module, decay: float | None):
