@@ -251,9 +251,10 @@ def test_stats_class_balance_and_no_report(tmp_path: Path) -> None:
     assert sizes["original width"][:7] == ["24"] * 7
 
 
-def test_stats_of_a_dataset_in_a_bucket(tmp_path: Path, s3_bucket: str) -> None:
+def test_stats_of_a_dataset_in_a_bucket(tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs
 
+    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))  # the bucket output's staging folder
     url = f"{s3_bucket}/corpus/ds"
     assert main(["image-text", "--input", str(_caption_table(tmp_path)), "--output", url, "--caption-col", "cap",
                  "--bytes-col", "img", "--image-size", "12", "--shard-size", "6", "--no-progress"]) == 0
