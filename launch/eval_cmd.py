@@ -6,6 +6,9 @@
                              --method clip_benchmark for CLIP_benchmark's AdamW probe)
     launch eval classify     --checkpoint runs/smoke_resnet --data data/digits/val
     launch eval --config eval_plan.yaml    (checkpoints x datasets x tasks; see pipeline.evaluation.plan)
+    launch eval --follow runs/smoke_resnet --until-done
+                             (each new complete checkpoint of a run, once, on the sets its config names;
+                             see pipeline.evaluation.follow)
 
 The result (CLIP_benchmark's keys plus checkpoint step/hash and manifest hash) goes to stdout and,
 with --output, to a file. No training math here: pipeline.evaluation does the work.
@@ -55,6 +58,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE",
                         help="YAML plan: many checkpoints x datasets x tasks, then a summary table")
+    parser.add_argument("--follow", metavar="RUN_DIR",
+                        help="evaluate each new complete checkpoint of a run once (data.val, eval.zeroshot); "
+                             "results in RUN_DIR/eval/ and RUN_DIR/eval_follow.jsonl, which a restart resumes from")
+    parser.add_argument("--interval-s", type=float, default=60.0,
+                        help="with --follow: seconds between looks for new checkpoints (default: 60)")
+    parser.add_argument("--until-done", action="store_true",
+                        help="with --follow: stop once the run has finished and its checkpoints are evaluated")
     tasks = parser.add_subparsers(dest="eval_task", metavar="TASK")
     for name in _TASK_HELP:
         task_parser = tasks.add_parser(name, help=_TASK_HELP[name], description=_TASK_HELP[name])
@@ -89,6 +99,8 @@ def _options(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     task = getattr(args, "eval_task", None)
+    if task is None and getattr(args, "follow", None):
+        return _run_follow(args)
     if task is None:
         if not getattr(args, "config", None):
             raise ValueError(f"eval: give a TASK ({', '.join(_TASK_HELP)}) or --config FILE")
@@ -122,6 +134,16 @@ def print_notes(result: dict) -> None:
         print(f"[eval] {mapping}", file=sys.stderr)
     for warning in result.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
+
+
+def _run_follow(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.follow import follow
+
+    if args.interval_s <= 0:
+        raise ValueError(f"--interval-s must be > 0, got {args.interval_s}")
+    steps = follow(args.follow, args.interval_s, args.until_done)
+    print(json.dumps({"run_dir": args.follow, "evaluated_steps": steps}))
+    return 0
 
 
 def _run_plan(path: Path) -> int:

@@ -64,6 +64,21 @@ def absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data, run=run, model=model, eval=evaluation, distill=distill)
 
 
+def check_async_eval(cfg: Config, source: str) -> None:
+    """eval.async: a local run directory, and sets `launch eval` can read (pipeline/evaluation/follow.py)."""
+    from pipeline.evaluation.follow import eval_sets
+
+    if storage.is_remote(cfg.run.output_dir):
+        # A checkpoint there is complete only once the mirror has uploaded it, and the actor may run on
+        # another machine than the staging folder: not supported yet.
+        raise ConfigError("eval.async", "needs a local run.output_dir (a run in a bucket: set eval.async false "
+                                        "and evaluate its checkpoints with `launch eval` afterwards)", source)
+    try:
+        eval_sets(cfg)
+    except ConfigError as err:
+        raise err.with_source(source) from None
+
+
 def preflight(cfg: Config, source: str) -> None:
     """Shards exist and are enough for the ranks, classes are known, the batch arithmetic works."""
     from pipeline.tasks import task_class
@@ -91,6 +106,8 @@ def preflight(cfg: Config, source: str) -> None:
         if err.key == "distill.teacher" and not os.path.exists(cfg.distill.teacher):
             err = ConfigError(err.key, err.message + producing_command(cfg.distill.teacher, source), source)
         raise err.with_source(source) from None
+    if cfg.eval.async_:
+        check_async_eval(cfg, source)
     try:
         make_plan(cfg, sum(s.num_samples for s in shards), cfg.ray.num_workers)
     except ValueError as err:

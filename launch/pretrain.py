@@ -8,7 +8,7 @@ import sys
 from launch.console import RUN_LOG, run_output
 from launch.prepare import absolute_paths, ensure_sample_corpus, preflight, write_run_record
 from pipeline import preemption, storage
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +44,9 @@ def check_resume_checkpoint(cfg: Config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = prepared_config(args.config, args.set)
+    if args.no_ray and cfg.eval.async_:
+        raise ConfigError("eval.async", "the evaluation actor needs Ray: drop --no-ray, or set eval.async false "
+                                        "and run `launch eval --follow RUN_DIR` beside the run", args.config)
     run_dir = write_run_record(cfg, args.config)
     remote = storage.is_remote(cfg.run.output_dir)
     if remote:  # staged on this machine, durable in the bucket (pipeline/run_mirror.py)
@@ -96,9 +99,10 @@ def _run_on_ray(cfg: Config, address: str | None, log) -> dict | None:
         if address:
             ray.init(address=address)
         else:
-            needed_cpus = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + 0.999)
+            needed_cpus = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + async_eval_cpus(cfg) + 0.999)
             start_private_ray(num_cpus=max(os.cpu_count() or 1, needed_cpus))
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    check_cluster_fits(cfg, use_gpu, ray.cluster_resources())
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -132,6 +136,25 @@ def _run_on_ray(cfg: Config, address: str | None, log) -> dict | None:
     from pipeline import run_mirror
 
     return run_mirror.read_run_json(cfg, "final_metrics.json") or {}
+
+
+def async_eval_cpus(cfg: Config) -> float:
+    """CPUs the eval.async actor holds beside the ranks (0 without eval.async)."""
+    return cfg.eval.async_num_cpus if cfg.eval.async_ else 0.0
+
+
+def check_cluster_fits(cfg: Config, use_gpu: bool, totals: dict) -> None:
+    """With eval.async the ranks and the evaluation actor must fit the cluster together: Ray would otherwise
+    start the ranks and leave the actor waiting for resources that never free up."""
+    if not cfg.eval.async_:
+        return
+    needed = {"CPU": cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.eval.async_num_cpus,
+              "GPU": cfg.ray.num_workers * cfg.ray.gpus_per_worker * use_gpu + cfg.eval.async_num_gpus}
+    for resource, amount in needed.items():
+        if amount > totals.get(resource, 0) + 1e-9:
+            key = "eval.async_num_cpus" if resource == "CPU" else "eval.async_num_gpus"
+            raise ConfigError(key, f"the training ranks and the evaluation actor need {amount:g} {resource}s, the "
+                                   f"Ray cluster has {totals.get(resource, 0):g}")
 
 
 def start_private_ray(num_cpus: int, **init_kwargs) -> None:

@@ -123,11 +123,13 @@ def load(engine, ckpt_dir: Path) -> dict:
     return client_state or {}
 
 
-def apply_retention(run_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete old complete checkpoints; the newest complete one always survives. Returns deleted dirs."""
+def apply_retention(run_dir: Path, keep_last: int, keep_every: int,
+                    protected: frozenset[Path] | set[Path] = frozenset()) -> list[Path]:
+    """Delete old complete checkpoints; the newest complete one always survives, and so does every `protected`
+    one (eval.async has not evaluated it yet; a later call deletes it). Returns deleted dirs."""
     complete = list_complete(run_dir)
     kept_steps = retained_steps([int(_STEP_DIR.match(p.name).group(1)) for p in complete], keep_last, keep_every)
-    keep = {p for p in complete if int(_STEP_DIR.match(p.name).group(1)) in kept_steps}
+    keep = {p for p in complete if int(_STEP_DIR.match(p.name).group(1)) in kept_steps or p in protected}
     deleted = []
     for path in complete:
         if path not in keep:

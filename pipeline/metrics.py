@@ -8,7 +8,8 @@ Keys say where a number comes from (README "Metrics"):
   val/...             validation during training: top1, top5, loss, samples, expected_samples, warnings; CLIP's
                       image/text_retrieval_recall@k and zeroshot/<set>/acc1 ...; the EMA weights' under val/ema/
   eval/<dataset>/...  `launch eval` results where the report draws them (the result JSONs keep CLIP_benchmark's
-                      keys: acc1, acc5 ...)
+                      keys: acc1, acc5 ...); eval.async's rows in metrics.jsonl, at the checkpoint's step
+                      (pipeline/evaluation/follow.py)
   step, epoch, time_utc, checkpoint, preempted: bookkeeping, bare.
 Accuracies and recalls are fractions in [0, 1] in every file; `as_text` shows them in percent, for people.
 Rows written before the keys had prefixes are translated on read (`from_legacy`).
@@ -98,7 +99,7 @@ def from_legacy(row: dict) -> dict:
 
 CONSOLE_KEYS = ("epoch", "train/loss", "train/lr", "train/samples_per_second", "train/data_wait_fraction",
                 "val/top1", "val/top5", "val/ema/top1")
-_CONSOLE_ZEROSHOT = re.compile(r"^val/zeroshot/[^/]+/acc1$")
+_CONSOLE_ZEROSHOT = re.compile(r"^(val/zeroshot|eval)/[^/]+/acc1$")
 
 
 class RowSink(Protocol):

@@ -137,17 +137,29 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
     loop = _Loop(cfg, plan, task, engine, ema, rank, world_size, logger, report)
     loop.position, loop.mirror = position, mirror
     loop.preemption = Preemption(cfg.run_dir, rank, world_size, request_url(cfg))
+    loop.async_eval = _start_async_eval(cfg) if cfg.eval.async_ and rank == 0 else None
     outcome = "failed"
     try:
         final = loop.run(task.train_batches(rank, world_size, position), start_step)
         outcome = "preempted" if final.get("preempted") else "finished"
+        if not final.get("preempted"):  # a preempted run has no time to wait: `launch eval --follow` can catch up
+            loop.finish_async_eval()
     finally:
         loop.preemption.close()
+        if loop.async_eval is not None:
+            loop.async_eval.close()
         logger.close()
         if trackers is not None:
             trackers.finish(outcome)  # a finished run's record as artifacts, then the tracked runs end
     mirror.finish()  # the last checkpoint complete in the bucket, metrics and TensorBoard events beside it
     return final if final.get("preempted") else {"step": plan.total_steps, **final}
+
+
+def _start_async_eval(cfg: Config):
+    # Imported here: the evaluation stack (open_clip, scikit-learn) loads only into runs that ask for it.
+    from pipeline.evaluation.async_eval import AsyncEvaluation
+
+    return AsyncEvaluation(cfg)
 
 
 def _start_trackers(cfg: Config, start_step: int):
@@ -198,6 +210,7 @@ class _Loop:
         self.position: Position | None = Position()
         self.preemption: Preemption | None = None
         self.mirror: RunMirror | None = None
+        self.async_eval = None  # rank 0 with eval.async: pipeline.evaluation.async_eval.AsyncEvaluation
 
     def run(self, batches, start_step: int) -> dict:
         cfg, plan = self.cfg, self.plan
@@ -246,6 +259,7 @@ class _Loop:
     def _after_step(self, step: int, window: "_Window") -> dict:
         cfg, last = self.cfg, step == self.plan.total_steps
         metrics: dict = {}
+        self._log_async_eval(timeout_s=0)
         if step % cfg.run.log_every_steps == 0 or last:
             metrics.update(prefixed(TRAIN, {**window.flush(self.world_size), "lr": self.engine.get_lr()[0]}),
                            epoch=round(step / self.plan.steps_per_epoch, 3))
@@ -283,8 +297,26 @@ class _Loop:
                                    after_shards=after_shards)
         if self.mirror is not None:
             self.mirror.after_save(ckpt_dir, meta)
+        if self.async_eval is not None:
+            self.async_eval.submit(ckpt_dir)
         if self.rank == 0:
-            checkpoint.apply_retention(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+            # Checkpoints still waiting for their evaluation survive retention until a later save.
+            checkpoint.apply_retention(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+                                       self.async_eval.in_flight() if self.async_eval is not None else frozenset())
+
+    def _log_async_eval(self, timeout_s: float | None) -> None:
+        """Rows of finished asynchronous evaluations, logged at their checkpoints' steps (rank 0 holds the actor)."""
+        if self.async_eval is None:
+            return
+        for step, row in self.async_eval.finished(timeout_s):
+            self.logger.log(step, row)
+
+    def finish_async_eval(self) -> None:
+        """The end of the run waits for every outstanding evaluation, then retention removes what they kept."""
+        if self.async_eval is None:
+            return
+        self._log_async_eval(timeout_s=None)
+        checkpoint.apply_retention(self.cfg.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
 
     def _maybe_inject_failure(self, step: int) -> None:
         """Fault drill (run.inject_failure_at_step): the last rank dies once, as a killed process would."""

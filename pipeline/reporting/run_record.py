@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.metrics import TRAIN, VAL, from_legacy
+from pipeline.metrics import BOOKKEEPING, TRAIN, VAL, from_legacy
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -36,7 +36,8 @@ EVAL_RESULT_KEYS = ("dataset", "model", "task", "metrics")
 class RunRecord:
     run_dir: Path
     rows: list[dict]
-    """metrics.jsonl rows, one per step (the latest row of a step logged twice), in step order."""
+    """metrics.jsonl rows, one per step (the latest row of a step logged twice; eval.async's rows, logged later,
+    merged into their step's), in step order."""
     config: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)
@@ -70,11 +71,24 @@ def _read_metrics(path: Path, unreadable: Counter) -> tuple[list[dict], int]:
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             unreadable[f"{METRICS_FILE}: row without an integer step"] += 1
             continue
+        if is_checkpoint_eval_row(row):  # eval.async: logged later, at an earlier step; completes that step's row
+            by_step[row["step"]] = {**by_step.get(row["step"], {}), **row}
+            continue
         if last_step is not None and row["step"] <= last_step:
             num_resumes += 1
         last_step = row["step"]
-        by_step[row["step"]] = from_legacy(row)
+        by_step[row["step"]] = {**_eval_part(by_step.get(row["step"], {})), **from_legacy(row)}
     return [by_step[step] for step in sorted(by_step)], num_resumes
+
+
+def is_checkpoint_eval_row(row: dict) -> bool:
+    """A row of eval.async's results (eval/<set>/... keys and bookkeeping only, pipeline/evaluation/follow.py)."""
+    return any(key.startswith("eval/") for key in row) and all(
+        key.startswith("eval/") or key in BOOKKEEPING for key in row)
+
+
+def _eval_part(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key.startswith("eval/")}
 
 
 def _read_json(path: Path, unreadable: Counter):
