@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Subcommand modules, each with add_parser(subparsers), in the order --help lists them.
 COMMANDS = ("launch.pretrain", "launch.distill", "launch.eval_cmd", "launch.export_cmd", "launch.submit",
-            "launch.benchmark_data", "launch.report")
+            "launch.benchmark_data", "launch.report", "launch.soup")
 
 
 def build_parser() -> argparse.ArgumentParser:

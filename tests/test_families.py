@@ -21,7 +21,7 @@ TINY = {
                    "model": {"kind": "classifier", "name": "resnet_nano"}},
     "clip": {"data": {"train": "unused", "image_size_px": 32}, "model": {"kind": "clip", "name": "clip-tiny-rn"}},
 }
-OPTIONAL_FIELDS = {"distill_task", "tokenizer"}  # None means "this family has none"
+OPTIONAL_FIELDS = {"distill_task", "tokenizer", "hub_folder"}  # None means "this family has none"
 
 
 def _same_values(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -50,6 +50,8 @@ def test_every_family_implements_every_field(kind):
             assert callable(value), f"{kind}: {field.name} is not callable"
         elif field.type.startswith("tuple"):
             assert isinstance(value, tuple) and all(isinstance(v, str) for v in value), f"{kind}: {field.name}"
+        elif "HubFolder" in field.type:
+            assert value.format and value.config_file and value.weights_file and callable(value.config), kind
         else:
             assert isinstance(value, str) and value, f"{kind}: {field.name} is empty"
     assert family.name == kind and family.data_kind in ("labelled", "image_text")

@@ -110,6 +110,8 @@ ROUND_TRIPS = [
     ("clip", "open_clip", "open_clip_model.bin", "clip-tiny-rn"),
     ("clip", "open_clip", "open_clip_model.safetensors", None),
     ("clip", "safetensors", "clip.safetensors", None),
+    ("classifier", "timm-dir", "nano_dir", None),  # a folder: `launch eval --checkpoint DIR`
+    ("clip", "open_clip-dir", "clip_dir", None),
 ]
 
 

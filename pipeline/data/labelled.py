@@ -55,11 +55,17 @@ def train_transform(data_cfg):
     )
 
 
+def eval_data_config(data_cfg) -> dict:
+    """The validation transform as timm's data config (what timm.data.resolve_data_config returns): the
+    timm-dir export writes it into config.json, so timm rebuilds this very transform."""
+    size_px = data_cfg.val_image_size_px or data_cfg.image_size_px
+    return {"input_size": (3, size_px, size_px), "interpolation": data_cfg.interpolation,
+            "mean": tuple(data_cfg.mean), "std": tuple(data_cfg.std), "crop_pct": data_cfg.val_crop_pct,
+            "crop_mode": "center"}
+
+
 def eval_transform(data_cfg):
-    return create_transform(
-        input_size=data_cfg.val_image_size_px or data_cfg.image_size_px, is_training=False,
-        crop_pct=data_cfg.val_crop_pct, interpolation=data_cfg.interpolation, mean=data_cfg.mean, std=data_cfg.std,
-    )
+    return create_transform(**eval_data_config(data_cfg), is_training=False)
 
 
 def labelled_loader(shards: list[Shard], data_cfg, rank: int, world_size: int, seed: int, training: bool,

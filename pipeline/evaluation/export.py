@@ -6,8 +6,12 @@
   timm         weights for timm.create_model(NAME, checkpoint_path=PATH, num_classes=N); our own tiny
                architectures (resnet_tiny, resnet_nano) after `import pipeline.models`, which registers them.
   safetensors  the weights plus the same record, for any architecture.
+  open_clip-dir, timm-dir
+               a folder in the library's hub layout (the family's `hub_folder`): its config file and
+               safetensors weights, loaded by the library alone with open_clip.create_model_and_transforms(
+               "local-dir:DIR") / timm.create_model("local-dir:DIR", pretrained=True), eval transform included.
 
-The library formats are the model families' (pipeline.families: `library`, `export_files`).
+The library formats are the model families' (pipeline.families: `library`, `export_files`, `hub_folder`).
 
 Every file records what it holds (architecture, the run's config, step, weights hash): as safetensors
 metadata, or in a .bin/.pt/.pth as {"state_dict": weights, "metadata": {...}}, the checkpoint layout
@@ -23,6 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline import families
+from pipeline.class_names import model_class_names
+from pipeline.config import Config
 from pipeline.evaluation.resolver import (META_CONFIG, META_LIBRARY, META_MODEL, META_RUN_CONFIG, META_STEP,
                                           WEIGHT_SUFFIXES, ResolvedModel, state_dict_sha256)
 
@@ -52,9 +58,34 @@ def _metadata(resolved: ResolvedModel, state: dict[str, torch.Tensor]) -> dict[s
     return meta
 
 
+def folder_formats() -> dict[str, families.ModelFamily]:
+    """The formats whose --output is a folder (each family's library hub layout) -> their family."""
+    return {f.hub_folder.format: f for f in families.all_families() if f.hub_folder is not None}
+
+
 def export_formats() -> list[str]:
-    """Each model family's library (files that library loads by architecture name), then 'safetensors'."""
-    return [*(family.library for family in families.all_families()), "safetensors"]
+    """Each model family's library (files that library loads by architecture name), the folder formats,
+    then 'safetensors'."""
+    return [*(family.library for family in families.all_families()), *folder_formats(), "safetensors"]
+
+
+def _export_folder(resolved: ResolvedModel, fmt: str, family: families.ModelFamily, output: Path) -> list[Path]:
+    if family.name != resolved.kind:
+        own = families.get(resolved.kind).hub_folder
+        other = f"--format {own.format}" if own is not None else "another format"
+        raise ValueError(f"--format {fmt}: {resolved.model_name} is a {resolved.library} architecture; use {other}")
+    if output.suffix in WEIGHT_SUFFIXES or output.is_file():
+        raise ValueError(f"--format {fmt}: --output {output} must be a folder (the library's hub layout), "
+                         "not a weights file")
+    run_config = Config.from_dict(resolved.run_config) if resolved.run_config is not None else None
+    class_names, _ = model_class_names(resolved.path, resolved.run_config)
+    layout = family.hub_folder
+    config = layout.config(resolved.model, resolved.model_name, resolved.model_config, run_config, class_names)
+    output.mkdir(parents=True, exist_ok=True)
+    state = _plain_state(resolved.model)
+    _write_weights(state, output / layout.weights_file, _metadata(resolved, state))
+    (output / layout.config_file).write_text(json.dumps(config, indent=2) + "\n")
+    return [output / layout.weights_file, output / layout.config_file]
 
 
 def export(resolved: ResolvedModel, fmt: str, output: Path) -> list[Path]:
@@ -63,6 +94,9 @@ def export(resolved: ResolvedModel, fmt: str, output: Path) -> list[Path]:
     formats = export_formats()
     if fmt not in formats:
         raise ValueError(f"--format {fmt}: unknown export format (valid: {', '.join(formats)})")
+    folders = folder_formats()
+    if fmt in folders:
+        return _export_folder(resolved, fmt, folders[fmt], output)
     if output.suffix not in WEIGHT_SUFFIXES or (fmt == "safetensors" and output.suffix != ".safetensors"):
         valid = ".safetensors" if fmt == "safetensors" else ", ".join(WEIGHT_SUFFIXES)
         raise ValueError(f"--format {fmt}: --output {output} must end in {valid}")

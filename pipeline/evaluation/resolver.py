@@ -6,6 +6,8 @@ A REF is one of
   * a file we exported (.safetensors metadata, or the `metadata` entry of a .pt/.pth/.bin, names the
     architecture and the run's config: no --model needed, and a --model naming the same architecture
     evaluates it exactly as its source checkpoint, with the training run's eval transform);
+  * a folder in a library's hub layout (`launch export --format timm-dir|open_clip-dir`, a model soup): its
+    weights file, as above;
   * an open_clip weights file (.bin/.pt/.pth/.safetensors) with --model NAME;
   * a timm checkpoint with --model NAME.
 
@@ -219,6 +221,17 @@ def _resolve_file(path: Path, model_name: str | None) -> ResolvedModel:
     return _finish(built, name, step, source, path)
 
 
+def _hub_layouts() -> list:
+    """The families' hub folder layouts (pipeline.families.spec.HubFolder)."""
+    return [f.hub_folder for f in families.all_families() if f.hub_folder is not None]
+
+
+def _hub_folder_weights(folder: Path) -> Path | None:
+    """The weights file of a folder in one of the families' hub layouts."""
+    return next((folder / layout.weights_file for layout in _hub_layouts()
+                 if (folder / layout.weights_file).is_file()), None)
+
+
 def resolve(ref: str, model_name: str | None = None) -> ResolvedModel:
     """Turn a checkpoint reference into a ready-to-evaluate model; ValueError for user mistakes."""
     from pipeline import storage
@@ -238,7 +251,12 @@ def resolve(ref: str, model_name: str | None = None) -> ResolvedModel:
             if latest is None:
                 raise ValueError(f"{path}: run directory without a complete checkpoint")
             return _resolve_checkpoint_dir(latest, "run_dir")
-        raise ValueError(f"{path}: not a run directory (no checkpoints/) nor a checkpoint (no meta.json)")
+        weights = _hub_folder_weights(path)
+        if weights is not None:
+            return _resolve_file(weights, model_name)
+        names = " / ".join(layout.weights_file for layout in _hub_layouts())
+        raise ValueError(f"{path}: not a run directory (no checkpoints/), a checkpoint (no meta.json) nor an "
+                         f"exported folder (no {names})")
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
             raise ValueError(f"{path}: unknown weights file type (valid: {', '.join(WEIGHT_SUFFIXES)})")

@@ -9,10 +9,11 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 from pipeline.config import Config
+from pipeline.data.labelled import eval_data_config
 from pipeline.data.labelled import eval_transform as run_eval_transform
-from pipeline.families.spec import ModelFamily, Rebuilt
+from pipeline.families.spec import HubFolder, ModelFamily, Rebuilt
 from pipeline.models.loading import load_strict
-from pipeline.models.residual import build_classifier
+from pipeline.models.residual import build_classifier, stock_timm_equivalent
 from pipeline.optim import weights_only
 
 
@@ -68,6 +69,29 @@ def export_files(name: str, model_config: dict | None, output: Path) -> list[Pat
     return []
 
 
+def timm_folder_config(model: torch.nn.Module, name: str, model_config: dict | None, cfg: Config | None,
+                       class_names: list[str] | None) -> dict:
+    """timm's config.json (the layout timm.models.load_model_config_from_path reads): the architecture as a
+    name plain timm knows (our tiny ResNets as resnet18 + model_args, see stock_timm_equivalent), the head
+    size and label names, and pretrained_cfg = our eval transform, so timm.data.resolve_data_config on the
+    loaded model rebuilds it."""
+    architecture, model_args = stock_timm_equivalent(name)
+    if not timm.is_model(architecture):
+        raise ValueError(f"--format timm-dir: {name} is not a timm-registered architecture, so timm cannot build "
+                         "it from a folder; use --format safetensors")
+    data_config = eval_data_config(cfg.data) if cfg is not None else resolve_data_config({}, model=model)
+    first_conv = next((n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)), None)
+    pretrained_cfg = {**data_config, "input_size": list(data_config["input_size"]), "mean": list(data_config["mean"]),
+                      "std": list(data_config["std"]), "num_classes": model.num_classes,
+                      "classifier": _head_name(model), "first_conv": first_conv}
+    config = {"architecture": architecture, "num_classes": model.num_classes, "num_features": model.num_features}
+    if class_names:
+        config["label_names"] = list(class_names)
+    if model_args:
+        config["model_args"] = model_args
+    return {**config, "pretrained_cfg": pretrained_cfg}
+
+
 FAMILY = ModelFamily(
     name="classifier",
     library="timm",
@@ -88,4 +112,6 @@ FAMILY = ModelFamily(
     no_weight_decay=weights_only,
     tokenizer=None,
     export_files=export_files,
+    hub_folder=HubFolder(format="timm-dir", config_file="config.json", weights_file="model.safetensors",
+                         config=timm_folder_config),
 )

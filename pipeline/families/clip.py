@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from pipeline.config import Config
-from pipeline.families.spec import ModelFamily, Rebuilt
+from pipeline.families.spec import HubFolder, ModelFamily, Rebuilt
 from pipeline.models.clip import (adapt_open_clip_state, build_clip, get_tokenizer, open_clip_train_exempt,
                                   register_tiny_configs, weights_loaded_after)
 from pipeline.models.loading import load_strict
@@ -68,6 +68,16 @@ def export_files(name: str, model_config: dict | None, output: Path) -> list[Pat
     return [config_path]
 
 
+def open_clip_folder_config(model: torch.nn.Module, name: str, model_config: dict | None, cfg: Config | None,
+                            class_names: list[str] | None) -> dict:
+    """open_clip's open_clip_config.json (what create_model_and_transforms('local-dir:DIR') reads): the full
+    architecture in model_cfg, so architectures open_clip does not ship (our clip-tiny-*) load without our
+    package, and preprocess_cfg, the model's own eval transform (eval_transform above)."""
+    if model_config is None:
+        raise ValueError(f"--format open_clip-dir: {name}: no open_clip config known for this architecture")
+    return {"model_cfg": model_config, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+
+
 FAMILY = ModelFamily(
     name="clip",
     library="open_clip",
@@ -87,4 +97,6 @@ FAMILY = ModelFamily(
     no_weight_decay=open_clip_train_exempt,
     tokenizer=get_tokenizer,
     export_files=export_files,
+    hub_folder=HubFolder(format="open_clip-dir", config_file="open_clip_config.json",
+                         weights_file="open_clip_model.safetensors", config=open_clip_folder_config),
 )

@@ -28,6 +28,23 @@ class Rebuilt:
 
 
 @dataclass(frozen=True)
+class HubFolder:
+    """A library's own folder layout, the one its model hub serves: `launch export --format FORMAT --output DIR`
+    writes `config_file` and `weights_file` into DIR, and the library loads DIR by itself ('local-dir:DIR')."""
+
+    format: str
+    """The `launch export --format` value ('open_clip-dir', 'timm-dir')."""
+    config_file: str
+    """The JSON file the library reads first ('open_clip_config.json', 'config.json')."""
+    weights_file: str
+    """The safetensors file the library picks in the folder."""
+    config: Callable[[torch.nn.Module, str, Optional[dict], Optional[Config], Optional[list[str]]], dict]
+    """(model, architecture name, model_config, our run's config or None, class names or None) -> the config
+    file's content: everything the library needs to build the architecture and its eval transform unaided;
+    ValueError when the library cannot build the architecture from a folder."""
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """One registered spec per `model.kind`. Every field is a value or a plain function of the family, so a new
     family is one file that fills these in (pipeline/families/classifier.py is the smallest example)."""
@@ -78,3 +95,5 @@ class ModelFamily:
     format, which that library needs to load it by name (open_clip: NAME.json for architectures it does not
     ship); ValueError when its library cannot load the architecture by name at all. Called before the
     weights are written."""
+    hub_folder: Optional[HubFolder] = None
+    """Its library's hub folder layout (`launch export --format <library>-dir`); None: no folder export."""

@@ -19,24 +19,40 @@ from pipeline.remote_refs import load_weights_file
 _TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _tiny_resnet(channels: tuple[int, ...], **kwargs) -> ResNet:
+_TINY_LAYERS = (1, 1, 1, 1)
+_TINY_CHANNELS = {"resnet_tiny": (64, 128, 256, 512), "resnet_nano": (16, 32, 64, 128)}
+
+
+def _tiny_resnet(name: str, **kwargs) -> ResNet:
     # BasicBlock x [1,1,1,1]: the smallest real ResNet; trains on 32 px digits in seconds on a CPU.
     # timm.create_model passes its factory bookkeeping along; the ResNet class takes none of it.
     kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_FACTORY_KWARGS}
-    return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=channels, **kwargs)
+    return ResNet(block=BasicBlock, layers=_TINY_LAYERS, channels=_TINY_CHANNELS[name], **kwargs)
 
 
 @register_model
 def resnet_tiny(pretrained: bool = False, **kwargs) -> ResNet:
     """BasicBlock x [1,1,1,1], 64-512 channels (4.9M params): registered with timm, so our checkpoints
     exported in timm's format load with timm.create_model('resnet_tiny') after importing pipeline.models."""
-    return _tiny_resnet((64, 128, 256, 512), **kwargs)
+    return _tiny_resnet("resnet_tiny", **kwargs)
 
 
 @register_model
 def resnet_nano(pretrained: bool = False, **kwargs) -> ResNet:
     """BasicBlock x [1,1,1,1], 16-128 channels (0.3M params), for tests."""
-    return _tiny_resnet((16, 32, 64, 128), **kwargs)
+    return _tiny_resnet("resnet_nano", **kwargs)
+
+
+def stock_timm_equivalent(name: str) -> tuple[str, dict]:
+    """(a timm architecture every timm install has, its model_args) that build the same network as `name`.
+
+    timm's resnet18 factory lets model_args override its layers (dict(model_args, **kwargs)) and passes
+    channels on to the ResNet class, so resnet18 + these arguments is our tiny ResNet, weight for weight: a
+    timm-dir export names it and loads in plain timm, without `import pipeline.models`. Any other name is
+    returned as it is, with no arguments."""
+    if name in _TINY_CHANNELS:
+        return "resnet18", {"layers": list(_TINY_LAYERS), "channels": list(_TINY_CHANNELS[name])}
+    return name, {}
 
 
 RESIDUAL_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
