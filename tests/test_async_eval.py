@@ -115,7 +115,7 @@ def test_sets_follow_the_family_and_name_their_keys():
     assert [(s.name, s.task, s.path) for s in eval_sets(classifier)] == [("val", "classify", "/d/labelled/val")]
     with pytest.raises(ConfigError, match=r"data.val: two evaluation sets would write eval/val/"):
         eval_sets(Config.from_dict({"data": {"train": "t", "val": "/a/val::/b/val"}}))
-    with pytest.raises(ConfigError, match=r"data.val: eval.async evaluates folders .* not '/d/\{0..3\}.tar'"):
+    with pytest.raises(ConfigError, match=r"data.val: checkpoints are evaluated on folders, .* not '/d/\{0"):
         eval_sets(Config.from_dict({"data": {"train": "t", "val": "/d/{0..3}.tar"}}))
 
 

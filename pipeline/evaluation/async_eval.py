@@ -4,17 +4,26 @@ ranks keep training; rank 0 hands it checkpoint paths and collects finished rows
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.evaluation.follow import checkpoint_step, eval_options, eval_sets, evaluate_checkpoint, metrics_row
+
+# The evaluation stack (pipeline.evaluation.follow: open_clip, timm, DeepSpeed's consolidation, scikit-learn) is
+# imported inside the actor only: rank 0, which holds the handle, trains without loading it.
 
 
 class CheckpointEvaluator:
     """The actor's body: `launch eval` on one checkpoint dir over the run's sets, as one metrics row."""
 
     def __init__(self, config_dict: dict, num_cpus: float):
+        # Below the ranks' priority, before the heavy imports: where Ray was told of more CPUs than the machine
+        # has (the embedded cluster on a small machine), evaluation takes the cycles training leaves; on CPUs
+        # of its own it runs as fast as ever.
+        os.nice(10)
         import torch
+
+        from pipeline.evaluation.follow import eval_options, eval_sets
 
         cfg = Config.from_dict(config_dict)
         # Within the CPUs Ray reserved for us: torch would otherwise take every core from the training ranks.
@@ -23,6 +32,8 @@ class CheckpointEvaluator:
         self.options = eval_options(cfg, num_cpus)
 
     def evaluate(self, ckpt_dir: str) -> tuple[int, dict]:
+        from pipeline.evaluation.follow import checkpoint_step, evaluate_checkpoint, metrics_row
+
         results = evaluate_checkpoint(Path(ckpt_dir), self.sets, self.options)
         return checkpoint_step(Path(ckpt_dir)), {"checkpoint": ckpt_dir, **metrics_row(self.sets, results)}
 

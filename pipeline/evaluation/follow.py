@@ -50,7 +50,7 @@ def eval_sets(cfg: Config) -> list[EvalSet]:
     """The sets a run's checkpoints are evaluated on; ConfigError names the key that cannot be used."""
     data_kind = families.get(cfg.model.kind).data_kind
     if data_kind not in VAL_TASK_BY_DATA_KIND:
-        raise ConfigError("model.kind", f"eval.async: no evaluation task for {data_kind} data "
+        raise ConfigError("model.kind", f"no evaluation task scores {data_kind} data "
                                         f"(known: {', '.join(VAL_TASK_BY_DATA_KIND)})")
     sets = [EvalSet(Path(part.rstrip("/")).name, VAL_TASK_BY_DATA_KIND[data_kind], part)
             for part in filter(None, (p.strip() for p in (cfg.data.val or "").split("::")))]
@@ -59,13 +59,14 @@ def eval_sets(cfg: Config) -> list[EvalSet]:
     for entry in sets:
         key = "eval.zeroshot" if entry.task == "zeroshot" else "data.val"
         if any(c in entry.path for c in "*?[{") or entry.path.endswith(".tar"):
-            raise ConfigError(key, f"eval.async evaluates folders as `launch eval --data DIR` does, "
-                                   f"not {entry.path!r}")
+            raise ConfigError(key, f"checkpoints are evaluated on folders, as `launch eval --data DIR` reads "
+                                   f"them, not {entry.path!r}")
         if names.count(entry.name) > 1:
             raise ConfigError(key, f"two evaluation sets would write eval/{entry.name}/...: give eval.zeroshot "
                                    f"sets a NAME (NAME=PATH) and data.val folders different names")
     if not sets:
-        raise ConfigError("eval.async", "nothing to evaluate: set data.val or eval.zeroshot")
+        raise ConfigError("data.val", "no set to evaluate checkpoints on: the run sets neither data.val nor "
+                                      "eval.zeroshot")
     return sets
 
 
