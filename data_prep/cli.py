@@ -94,7 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_table_args(it)
     it.add_argument("--key-col", help="column of unique sample keys (default: shard + row number)")
     _add_shuffle_args(it)
+    _add_curation_args(it, "--filter-checkpoint")
     it.set_defaults(func=_run_image_text)
+
+    flt = sub.add_parser("filter", help="filter shards by CLIP score, against eval sets, near-duplicates")
+    flt.add_argument("--input", required=True, help="shard folder, glob or brace list")
+    flt.add_argument("--output", type=Path, required=True)
+    _add_curation_args(flt, "--checkpoint")
+    flt.add_argument("--workers", type=int, default=1, help="scoring actors; above 1 they run on Ray")
+    flt.add_argument("--address", default=None, help="Ray cluster address (default: embedded Ray)")
+    flt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flt.set_defaults(func=_run_filter)
 
     lab = sub.add_parser("labelled", help="ImageFolder tree or path/label table to labelled shards")
     _add_labelled_args(lab)
@@ -175,7 +185,48 @@ def _image_text_request(args: argparse.Namespace):
 def _run_image_text(args: argparse.Namespace) -> int:
     from data_prep.image_text import run_image_text
 
+    curation = _curation_options(args, args.filter_checkpoint)
+    if curation.active:
+        from data_prep.filter import curated_image_text
+
+        return _summarise(args.output, curated_image_text(_image_text_request(args), curation))
     return _summarise(args.output, run_image_text(_image_text_request(args)))
+
+
+def _add_curation_args(parser: argparse.ArgumentParser, checkpoint_flag: str) -> None:
+    """data_prep/filter.py: CLIP score, decontamination and near-duplicate options (filter and image-text)."""
+    from data_prep.near_dup import EVAL_MAX_BITS, NEAR_DUP_MAX_BITS
+
+    group = parser.add_argument_group("curation (data_prep/filter.py)")
+    group.add_argument(checkpoint_flag, default=None, metavar="REF",
+                       help="score every pair with this checkpoint (any REF `launch eval` takes)")
+    group.add_argument("--model", dest="filter_model", default=None,
+                       help="architecture of a weights file that does not name it (as `launch eval --model`)")
+    cut = group.add_mutually_exclusive_group()
+    cut.add_argument("--min-clip-score", type=float, help="keep pairs scoring at least this (cosine)")
+    cut.add_argument("--keep-fraction", type=float, help="keep the best-scoring fraction (DataComp: 0.3)")
+    group.add_argument("--batch-size", type=int, default=256, help="pairs per scoring batch")
+    group.add_argument("--decontaminate", nargs="+", metavar="EVAL_DIR", default=[],
+                       help="drop images that are near-copies of these evaluation sets' images")
+    group.add_argument("--decontaminate-max-bits", type=int, default=EVAL_MAX_BITS,
+                       help="pHash distance (of 64 bits) that counts as a copy (default %(default)s)")
+    group.add_argument("--near-dedup", action="store_true", help="drop near-duplicate images (pHash)")
+    group.add_argument("--near-dedup-max-bits", type=int, default=NEAR_DUP_MAX_BITS, help="(default %(default)s)")
+
+
+def _curation_options(args: argparse.Namespace, checkpoint: str | None):  # -> CurationOptions, imported lazily
+    from data_prep.filter import CurationOptions, checked_eval_dirs
+
+    return CurationOptions(checkpoint, args.filter_model, args.min_clip_score, args.keep_fraction,
+                           checked_eval_dirs(args.decontaminate), args.decontaminate_max_bits, args.near_dedup,
+                           args.near_dedup_max_bits, args.batch_size, args.workers, args.address,
+                           not args.no_progress)
+
+
+def _run_filter(args: argparse.Namespace) -> int:
+    from data_prep.filter import run_filter
+
+    return _summarise(args.output, run_filter(args.input, args.output, _curation_options(args, args.checkpoint)))
 
 
 def _run_retrieval(args: argparse.Namespace) -> int:

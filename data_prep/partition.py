@@ -28,6 +28,8 @@ _STATS_SCHEMA = pa.schema([
     # What `data-prep stats` reads about each written sample, so the report never opens a tar. Stats
     # files written before these columns lack them; readers treat them as optional.
     ("width", pa.int32()), ("height", pa.int32()), ("caption", pa.string()), ("label", pa.int32()),
+    # Set by `data-prep filter` (data_prep/filter.py) for every row it scored, kept or not; null elsewhere.
+    ("clip_score", pa.float32()),
 ])
 
 
@@ -199,6 +201,11 @@ def _write_tar(out: Path, task: PartitionTask, samples: list[Sample]) -> ShardRe
         path.unlink(missing_ok=True)  # an empty shard would only confuse loaders
         return ShardRecord(path.name, 0, 0, "")
     return write_shard(path, samples)
+
+
+def write_stats(path: Path, statuses: list[dict], record: ShardRecord) -> None:
+    """The stats parquet of one shard: one row per input row (columns missing from a dict are null)."""
+    _write_stats(path, statuses, record)
 
 
 def _write_stats(path: Path, statuses: list[dict], record: ShardRecord) -> None:

@@ -18,7 +18,7 @@ def run_partitions_on_ray(spec: RowSpec, todo: list[PartitionTask], out_dir: str
     import ray
 
     # --address, else RAY_ADDRESS attaches on purpose; neither means a private local cluster.
-    started_here = _ensure_ray(num_workers, address or os.environ.get("RAY_ADDRESS") or None)
+    started_here = ensure_ray(num_workers, address or os.environ.get("RAY_ADDRESS") or None)
     try:
         # Partitions are idempotent (atomic renames), so Ray may safely retry a lost worker's task.
         remote = ray.remote(num_cpus=1, max_retries=2)(process_partition)
@@ -37,7 +37,7 @@ def run_partitions_on_ray(spec: RowSpec, todo: list[PartitionTask], out_dir: str
             ray.shutdown()
 
 
-def _ensure_ray(num_workers: int, address: str | None) -> bool:
+def ensure_ray(num_workers: int, address: str | None) -> bool:
     """Connect to (or start) Ray unless this process already did; True when we started it."""
     import ray
 

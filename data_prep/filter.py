@@ -1,0 +1,367 @@
+"""`data-prep filter` (and the curation step of `data-prep image-text --filter-checkpoint/--decontaminate`):
+shards in, fewer shards out, every row accounted for.
+
+Two passes over the input shards. Pass 1 decodes every sample once on the curator pool
+(data_prep/clip_score.py: in-process, or Ray actors that load the model once) for its pHash and CLIP score.
+The decisions then need the whole corpus: `--keep-fraction` cuts at a quantile of all scores (DataComp's
+"CLIP score, top 30 %"), and within-corpus near-duplicates are first-seen-wins in input order. Pass 2 copies
+each kept sample's files byte for byte into a shard of the same name. (A fixed `--min-clip-score` could
+decide in pass 1 already; one code path for both costs a second read of local tars, small beside the model.)
+
+A row is dropped, in this order, as
+  corrupt_image / missing_caption   nothing to hash or score,
+  eval_near_duplicate               its pHash is within --decontaminate-max-bits of a crop of an evaluation
+                                    image (data_prep/near_dup.py); `detail` names that image,
+  clip_score_below                  under --min-clip-score, or outside the top --keep-fraction,
+  near_duplicate                    within --near-dedup-max-bits of an earlier kept row; `detail` names it.
+Every row's score goes into the stats parquet (`clip_score`), kept or not. When the input is a data-prep
+folder its stats rows (those rejected upstream included) are carried over, so the output's manifest still
+counts every row of the original tables: num_samples + sum(rejected) == num_input_rows."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pyarrow.parquet as pq
+
+from data_prep.job import JobReport
+from data_prep.manifest import build_manifest, write_dataset_metadata
+from data_prep.near_dup import EVAL_MAX_BITS, NEAR_DUP_MAX_BITS, EvalIndex, NearDupRegistry
+from data_prep.partition import OK, STATS_SUFFIX, write_stats
+from data_prep.writer import Sample, ShardRecord, write_shard
+from pipeline.data.reader import IMAGE_EXTENSIONS, TarSamples
+from pipeline.data.shards import Shard, read_manifest, resolve_shards
+
+CLIP_SCORE_BELOW = "clip_score_below"
+EVAL_NEAR_DUPLICATE = "eval_near_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+
+
+@dataclass(frozen=True)
+class CurationOptions:
+    """What to filter by; shared by `data-prep filter` and `image-text --filter-checkpoint ...`."""
+
+    checkpoint: str | None = None
+    """Any REF `launch eval` resolves; None: no CLIP scores (decontamination / near-dedup only)."""
+    model_name: str | None = None
+    """--model for weights files that do not name their architecture."""
+    min_clip_score: float | None = None
+    keep_fraction: float | None = None
+    decontaminate: tuple[str, ...] = ()
+    """Evaluation set folders (CLIP_benchmark layout or data-prep output) whose near-copies are dropped."""
+    decontaminate_max_bits: int = EVAL_MAX_BITS
+    near_dedup: bool = False
+    near_dedup_max_bits: int = NEAR_DUP_MAX_BITS
+    batch_size: int = 256
+    num_workers: int = 1
+    address: str | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None and (self.min_clip_score is not None or self.keep_fraction is not None):
+            raise ValueError("--min-clip-score/--keep-fraction need a checkpoint to score with")
+        if self.checkpoint is not None and self.min_clip_score is None and self.keep_fraction is None:
+            raise ValueError("a checkpoint scores pairs: give --min-clip-score S or --keep-fraction F")
+        if self.min_clip_score is not None and self.keep_fraction is not None:
+            raise ValueError("--min-clip-score and --keep-fraction exclude each other")
+        if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(f"--keep-fraction {self.keep_fraction}: expected 0 < F <= 1")
+        if self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("--batch-size and --workers must be at least 1")
+        if not 0 <= self.decontaminate_max_bits < 64:
+            raise ValueError(f"--decontaminate-max-bits {self.decontaminate_max_bits}: expected 0..63")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.checkpoint or self.decontaminate or self.near_dedup)
+
+
+@dataclass
+class _Row:
+    """One input sample after pass 1."""
+
+    shard: int
+    position: int
+    key: str
+    phash: int | None = None
+    clip_score: float | None = None
+    status: str = OK
+    detail: str = ""
+
+
+@dataclass
+class _InputShard:
+    shard: Shard
+    name: str
+    rows: list[_Row] = field(default_factory=list)
+
+
+def run_filter(input_spec: str, output: Path, options: CurationOptions) -> JobReport:
+    """Filter the shards of `input_spec` (a folder, glob or brace list) into `output`."""
+    from data_prep.clip_score import CuratorPool
+
+    if not options.active:
+        raise ValueError("nothing to filter by: give --checkpoint, --decontaminate or --near-dedup")
+    start = time.monotonic()
+    output = Path(output)
+    upstream = read_manifest(input_spec)
+    # A data-prep folder whose every row was rejected upstream has no shard, only stats to carry over.
+    listed = [] if upstream and upstream.get("num_samples") == 0 else resolve_shards(input_spec)
+    shards = [_InputShard(s, s.path.rsplit("/", 1)[-1]) for s in listed]
+    _check_output(output, input_spec)
+    pool = CuratorPool(options.checkpoint, options.model_name, options.num_workers, options.address)
+    try:
+        index = _eval_index(options, pool)
+        samples = TarSamples()
+        _score_all(shards, samples, pool, options)
+    finally:
+        pool.close()
+    cut = _decide(shards, index, options)
+    output.mkdir(parents=True, exist_ok=True)
+    upstream_stats = _upstream_stats(input_spec, upstream, shards)
+    records, rejected, num_rows = _write_outputs(shards, samples, output, upstream_stats)
+    for reason, count in _counted_outside_stats(upstream, upstream_stats).items():
+        rejected[reason] = rejected.get(reason, 0) + count
+        num_rows += count
+    source = {"input": input_spec, "upstream_manifest": bool(upstream_stats)}
+    recorded = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("show_progress", "address")}
+    recorded.update(scoring_model=pool.description, clip_score_cut=cut)
+    manifest = build_manifest((upstream or {}).get("kind", "image_text"), records, source=source,
+                              options={"filter": recorded, **({"upstream": upstream["options"]}
+                                                              if upstream and "options" in upstream else {})},
+                              rejected=rejected, classnames=(upstream or {}).get("classnames"))
+    manifest["num_input_rows"] = num_rows
+    manifest["stats_files"] = sorted(p.name for p in output.glob(f"*{STATS_SUFFIX}"))
+    write_dataset_metadata(output, manifest, split="train", dataset_name=output.name)
+    return JobReport(manifest, len(shards), time.monotonic() - start)
+
+
+def _check_output(output: Path, input_spec: str) -> None:
+    if Path(input_spec).resolve() == output.resolve():
+        raise ValueError(f"--output {output}: is the input folder; filtered shards go to a new folder")
+    old = json.loads((output / "manifest.json").read_text()) if (output / "manifest.json").is_file() else None
+    if any(output.glob("*.tar")) and not (old and "filter" in old.get("options", {})):
+        raise ValueError(f"--output {output}: holds shards that `data-prep filter` did not write; use an "
+                         "empty folder")
+    for path in [*output.glob("*.tar"), *output.glob(f"*{STATS_SUFFIX}"), *output.glob("*.idx.json")]:
+        path.unlink()  # an earlier filter's output: redone whole (its inputs or options may differ)
+    (output / "manifest.json").unlink(missing_ok=True)
+
+
+def _read_sample(samples: TarSamples, shard: Shard, position: int) -> dict:
+    raw = samples.read(shard.path, position)
+    return {k: v for k, v in raw.items() if not k.startswith("__")} | {"__key__": raw["__key__"]}
+
+
+def _caption(files: dict) -> str | None:
+    text = files.get("txt")
+    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else None
+
+
+def _image(files: dict) -> bytes:
+    return next((files[e] for e in IMAGE_EXTENSIONS if e in files), b"")
+
+
+def _pairs(shards: list[_InputShard], samples: TarSamples) -> Iterator[tuple[_Row, tuple[bytes, str | None]]]:
+    for number, item in enumerate(shards):
+        for position in range(item.shard.num_samples):
+            files = _read_sample(samples, item.shard, position)
+            row = _Row(number, position, files["__key__"])
+            item.rows.append(row)
+            yield row, (_image(files), _caption(files))
+
+
+def _batched(pairs: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
+    for pair in pairs:
+        batch.append(pair)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _score_all(shards: list[_InputShard], samples: TarSamples, pool, options: CurationOptions) -> None:
+    """Pass 1: every sample's pHash and score (or its problem) onto its _Row."""
+    total = sum(s.shard.num_samples for s in shards)
+    batches = list(_batched(_pairs(shards, samples), options.batch_size)) if total else []
+    with _bar(total, options.show_progress, "scored") as bar:
+        results = pool.map("process", ([pair for _, pair in batch] for batch in batches))
+        for batch, scored in zip(batches, results):
+            for (row, _), outcome in zip(batch, scored):
+                row.phash, row.clip_score = outcome.phash, outcome.clip_score
+                if outcome.problem:
+                    row.status, row.detail = outcome.problem, "while scoring"
+            bar(len(batch))
+
+
+def _eval_index(options: CurationOptions, pool) -> EvalIndex | None:
+    """Crop-variant pHashes of every image of the --decontaminate sets, read as `launch eval` reads them."""
+    if not options.decontaminate:
+        return None
+    keys: list[str] = []
+    images: list[bytes] = []
+    samples = TarSamples()
+    for folder in options.decontaminate:
+        split = Path(folder) / "test"
+        shards = resolve_shards(str(split if any(split.glob("*.tar")) else folder))
+        for shard in shards:
+            for position in range(shard.num_samples):
+                files = _read_sample(samples, shard, position)
+                keys.append(f"{Path(folder).name}/{shard.path.rsplit('/', 1)[-1]}/{files['__key__']}")
+                images.append(_image(files))
+    hashed = [h for batch in pool.map("eval_hashes", _batched(iter(images), 64)) for h in batch]
+    usable = [(k, h) for k, h in zip(keys, hashed) if h is not None]
+    return EvalIndex.build([k for k, _ in usable], [h for _, h in usable], options.decontaminate_max_bits)
+
+
+def _decide(shards: list[_InputShard], index: EvalIndex | None, options: CurationOptions) -> float | None:
+    """Statuses in the order of the module docstring; returns the CLIP score cut (None without scoring)."""
+    rows = [row for item in shards for row in item.rows]
+    if index is not None:
+        hashed = [row for row in rows if row.status == OK and row.phash is not None]
+        for row, match in zip(hashed, index.match([row.phash for row in hashed])):
+            if match is not None:
+                row.status, row.detail = EVAL_NEAR_DUPLICATE, f"{match[0]} (pHash {match[1]} bits apart)"
+    cut = None
+    if options.checkpoint is not None:
+        candidates = [row for row in rows if row.status == OK]
+        if options.keep_fraction is not None:
+            ranked = sorted(candidates, key=lambda r: -r.clip_score)  # stable: ties keep input order
+            num_kept = int(math.floor(len(ranked) * options.keep_fraction + 0.5))
+            cut = ranked[num_kept - 1].clip_score if num_kept else None
+            dropped = ranked[num_kept:]
+        else:
+            cut = options.min_clip_score
+            dropped = [row for row in candidates if row.clip_score < cut]
+        for row in dropped:
+            row.status, row.detail = CLIP_SCORE_BELOW, f"{row.clip_score:.4f} < {cut if cut is None else round(cut, 4)}"
+    if options.near_dedup:
+        registry = NearDupRegistry(options.near_dedup_max_bits)
+        for row in rows:
+            if row.status == OK and row.phash is not None:
+                earlier = registry.claim(row.phash, f"{shards[row.shard].name}/{row.key}")
+                if earlier is not None:
+                    row.status, row.detail = NEAR_DUPLICATE, f"{earlier[0]} (pHash {earlier[1]} bits apart)"
+    return cut
+
+
+def _upstream_stats(input_spec: str, upstream: dict | None, shards: list[_InputShard]) -> dict[str, list[dict]]:
+    """Stats file name -> rows, for a local data-prep input folder listing all its stats files; else {}."""
+    if not upstream or not upstream.get("stats_files") or not Path(input_spec).is_dir():
+        return {}
+    found = {}
+    for name in upstream["stats_files"]:
+        path = Path(input_spec) / name
+        if not path.is_file():
+            return {}
+        found[name] = pq.read_table(path).to_pylist()
+    return found
+
+
+def _counted_outside_stats(upstream: dict | None, upstream_stats: dict[str, list[dict]]) -> dict[str, int]:
+    """Rows the upstream job rejected without a stats row (unreadable lines, rows dropped while listing)."""
+    if not upstream_stats:
+        return {}
+    in_stats: dict[str, int] = {}
+    for rows in upstream_stats.values():
+        for status in rows:
+            in_stats[status["status"]] = in_stats.get(status["status"], 0) + 1
+    return {reason: count - in_stats.get(reason, 0) for reason, count in upstream.get("rejected", {}).items()
+            if count > in_stats.get(reason, 0)}
+
+
+def _write_outputs(shards: list[_InputShard], samples: TarSamples, output: Path,
+                   upstream: dict[str, list[dict]]) -> tuple[list[ShardRecord], dict[str, int], int]:
+    """Pass 2: kept samples copied into shards of the input's names, a stats file per input stats file (or per
+    shard); returns the shard records, the rejected counts and the number of rows accounted for."""
+    records: list[ShardRecord] = []
+    by_stats = {item.name[: -len(".tar")] + STATS_SUFFIX: item for item in shards}
+    rejected: dict[str, int] = {}
+    num_rows = 0
+    for stats_name in sorted(set(by_stats) | set(upstream)):  # zero-padded names: input order
+        item = by_stats.get(stats_name)
+        kept = [row for row in item.rows if row.status == OK] if item else []
+        record = ShardRecord(item.name if item else stats_name.replace(STATS_SUFFIX, ".tar"), 0, 0, "")
+        if kept:
+            record = write_shard(output / item.name, (_sample(samples, item.shard, row) for row in kept))
+            records.append(record)
+        statuses = _statuses(item, upstream.get(stats_name), num_rows)
+        for status in statuses:
+            if status["status"] != OK:
+                rejected[status["status"]] = rejected.get(status["status"], 0) + 1
+        num_rows += len(statuses)
+        write_stats(output / stats_name, statuses, record)
+    return records, rejected, num_rows
+
+
+def _sample(samples: TarSamples, shard: Shard, row: _Row) -> Sample:
+    files = _read_sample(samples, shard, row.position)
+    assert files.pop("__key__") == row.key
+    return Sample(row.key, files)
+
+
+def _statuses(item: _InputShard | None, upstream_rows: list[dict] | None, first_row: int) -> list[dict]:
+    """The stats rows of one output shard: the upstream rows with our decisions, or one row per sample."""
+    ours = {row.key: row for row in item.rows} if item else {}
+    if upstream_rows is None:
+        return [{"row": first_row + i, "source": item.shard.path, "source_row": row.position, "key": row.key,
+                 "status": row.status, "detail": row.detail, "clip_score": row.clip_score}
+                for i, row in enumerate(item.rows)]
+    statuses = []
+    for status in upstream_rows:
+        row = ours.get(status["key"]) if status["status"] == OK else None
+        if row is not None:
+            status = {**status, "status": row.status, "detail": row.detail, "clip_score": row.clip_score}
+        statuses.append(status)
+    return statuses
+
+
+class _bar:
+    """tqdm over samples; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool, what: str) -> None:
+        self._tqdm = None
+        if enabled and total:
+            import sys
+
+            from tqdm import tqdm
+
+            self._tqdm = tqdm(total=total, unit="sample", desc=what, file=sys.stderr, dynamic_ncols=True)
+
+    def __enter__(self):
+        return lambda n: self._tqdm.update(n) if self._tqdm is not None else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+
+def curated_image_text(request, options: CurationOptions) -> JobReport:
+    """`image-text` with curation flags: the job writes OUTPUT/.unfiltered (resumable as ever; kept so another
+    threshold needs no second download), then it is filtered into OUTPUT. Rows rejected while downloading
+    and rows filtered out are counted together in OUTPUT's manifest."""
+    from data_prep.image_text import run_image_text
+
+    staging = Path(request.output) / UNFILTERED
+    first = run_image_text(dataclasses.replace(request, output=staging))
+    report = run_filter(str(staging), Path(request.output), options)
+    report.seconds += first.seconds
+    return report
+
+
+UNFILTERED = ".unfiltered"
+
+
+def checked_eval_dirs(values: Sequence[str] | None) -> tuple[str, ...]:
+    """--decontaminate folders, each checked to exist (one line naming a missing one)."""
+    for value in values or ():
+        if not Path(value).is_dir():
+            raise ValueError(f"--decontaminate {value}: no such evaluation set folder")
+    return tuple(values or ())
