@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--workers", type=int, default=1, help="scoring actors; above 1 they run on Ray")
     flt.add_argument("--address", default=None, help="Ray cluster address (default: embedded Ray)")
     flt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flt.add_argument("--no-report", action="store_true", help="skip OUTPUT/stats/ (what `data-prep stats` writes)")
     flt.set_defaults(func=_run_filter)
 
     lab = sub.add_parser("labelled", help="ImageFolder tree or path/label table to labelled shards")
@@ -226,7 +227,12 @@ def _curation_options(args: argparse.Namespace, checkpoint: str | None):  # -> C
 def _run_filter(args: argparse.Namespace) -> int:
     from data_prep.filter import run_filter
 
-    return _summarise(args.output, run_filter(args.input, args.output, _curation_options(args, args.checkpoint)))
+    report = run_filter(args.input, args.output, _curation_options(args, args.checkpoint))
+    if not args.no_report:
+        from data_prep.report import write_report
+
+        write_report(args.output)
+    return _summarise(args.output, report)
 
 
 def _run_retrieval(args: argparse.Namespace) -> int:

@@ -353,6 +353,10 @@ def curated_image_text(request, options: CurationOptions) -> JobReport:
     first = run_image_text(dataclasses.replace(request, output=staging))
     report = run_filter(str(staging), Path(request.output), options)
     report.seconds += first.seconds
+    if request.job.write_report:
+        from data_prep.report import write_report
+
+        write_report(request.output)
     return report
 
 
