@@ -75,6 +75,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                 help="logistic_regression: scikit-learn L-BFGS with a C sweep, as the CLIP paper (default); "
                      "clip_benchmark: CLIP_benchmark's torch linear layer, AdamW lr 0.1, 10 epochs of "
                      "--batch-size, weight decay swept on a 20%% validation split, comparable with its tables")
+        if name in ("zeroshot", "retrieval"):
+            task_parser.add_argument(
+                "--embed-dim", type=int, metavar="D",
+                help="score the first D dims of each embedding, renormalised (the nested widths of a model "
+                     "trained with contrastive.matryoshka_dims); default: the full width")
         task_parser.set_defaults(func=run, eval_task=name)
     parser.set_defaults(func=run)
     return parser
@@ -94,7 +99,8 @@ def _options(args: argparse.Namespace):
     except ValueError as err:
         raise ValueError(f"--method: {err}") from None
     return EvalOptions(split=args.split, batch_size=args.batch_size, num_workers=args.workers,
-                       device=args.device, amp=args.amp, probe_method=method, strict=args.strict)
+                       device=args.device, amp=args.amp, probe_method=method, strict=args.strict,
+                       embed_dim=getattr(args, "embed_dim", None))
 
 
 def run(args: argparse.Namespace) -> int:

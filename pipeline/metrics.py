@@ -4,7 +4,8 @@ experiment trackers (TensorBoard by default; pipeline/reporting/trackers.py) and
 
 Keys say where a number comes from (README "Metrics"):
   train/...           the log window's training numbers: loss, lr, samples_per_second, data_wait_seconds,
-                      data_wait_fraction, skipped_samples (reason -> count)
+                      data_wait_fraction, skipped_samples (reason -> count); matryoshka/<width>/loss (CLIP with
+                      contrastive.matryoshka_dims: each width's own loss)
   val/...             validation during training: top1, top5, loss, samples, expected_samples, warnings; CLIP's
                       image/text_retrieval_recall@k and zeroshot/<set>/acc1 ...; the EMA weights' under val/ema/
   eval/<dataset>/...  `launch eval` results where the report draws them (the result JSONs keep CLIP_benchmark's

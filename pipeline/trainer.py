@@ -261,7 +261,8 @@ class _Loop:
         metrics: dict = {}
         self._log_async_eval(timeout_s=0)
         if step % cfg.run.log_every_steps == 0 or last:
-            metrics.update(prefixed(TRAIN, {**window.flush(self.world_size), "lr": self.engine.get_lr()[0]}),
+            metrics.update(prefixed(TRAIN, {**window.flush(self.world_size), **self.task.window_metrics(),
+                                            "lr": self.engine.get_lr()[0]}),
                            epoch=round(step / self.plan.steps_per_epoch, 3))
         if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (last and cfg.eval.at_end):
             metrics.update(self.validate())

@@ -3,6 +3,8 @@
 recall@k is the CLIP-paper definition: a query counts as a hit when at least one of its positives is
 among its k best-scoring candidates. Text->image queries ("image_retrieval") have one positive each;
 image->text queries ("text_retrieval") have every caption of that image as positives.
+With `embed_dim` (Matryoshka, `launch eval retrieval --embed-dim D`) both towers' embeddings keep their first
+D dims before normalisation.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from pipeline.data.stream import StreamBatch
 from pipeline.evaluation.runtime import SkipTally
 from pipeline.evaluation.zero_shot import Tokenizer
+from pipeline.models.clip import normalized_prefix
 from pipeline.precision import autocast
 
 RECALL_KS = (1, 5, 10)
@@ -63,8 +66,10 @@ def embed(
     tally: SkipTally,
     total: int | None = None,
     amp: bool = False,
+    embed_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image embeddings, text embeddings, text_to_image), all normalised and on the CPU."""
+    """(image embeddings, text embeddings, text_to_image), all normalised and on the CPU; embeddings cut to
+    their first embed_dim dims first (None: full width)."""
     images, texts, owners = [], [], []
     num_images = 0
     for batch in tally.track(batches, "retrieval", total):
@@ -72,8 +77,8 @@ def embed(
         with autocast(device, amp):
             image_features = model.encode_image(batch.images.to(device)).float()
             text_features = model.encode_text(tokenizer(flat).to(device)).float()
-        images.append(F.normalize(image_features, dim=-1).cpu())
-        texts.append(F.normalize(text_features, dim=-1).cpu())
+        images.append(normalized_prefix(image_features, embed_dim).cpu())
+        texts.append(normalized_prefix(text_features, embed_dim).cpu())
         owners.extend(num_images + i for i, captions in enumerate(batch.captions) for _ in captions)
         num_images += len(batch.captions)
     if not images:
@@ -89,9 +94,12 @@ def evaluate_retrieval(
     ks: Sequence[int] = RECALL_KS,
     total: int | None = None,
     amp: bool = False,
+    embed_dim: int | None = None,
 ) -> dict:
-    """image_retrieval_recall@k and text_retrieval_recall@k for each k, plus sample counts."""
+    """image_retrieval_recall@k and text_retrieval_recall@k for each k, plus sample counts and the embedding
+    width scored (embed_dim)."""
     tally = SkipTally()
-    image_embeddings, text_embeddings, owners = embed(model, tokenizer, batches, device, tally, total, amp)
+    image_embeddings, text_embeddings, owners = embed(model, tokenizer, batches, device, tally, total, amp,
+                                                      embed_dim)
     metrics = recall_metrics(image_embeddings, text_embeddings, owners, ks)
-    return {**metrics, "num_captions": len(owners), **tally.summary()}
+    return {**metrics, "num_captions": len(owners), **tally.summary(), "embed_dim": image_embeddings.shape[1]}

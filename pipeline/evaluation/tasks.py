@@ -46,6 +46,9 @@ class EvalOptions:
     'clip_benchmark'."""
     strict: bool = False
     """A scored sample count that differs from the manifest's is an error instead of a warning."""
+    embed_dim: int | None = None
+    """zeroshot / retrieval: score the first N dims of each embedding, renormalised (a Matryoshka-trained
+    model's nested widths, contrastive.matryoshka_dims); None = the model's full width."""
 
 
 def _device(options: EvalOptions) -> torch.device:
@@ -90,7 +93,7 @@ def run_zeroshot(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) 
     batches = _labelled(data_dir, options.split, resolved, options)
     metrics = evaluate_zero_shot(resolved.model.to(_device(options)), resolved.tokenizer, batches, classnames,
                                  templates, _device(options), datasets.listed_num_samples(data_dir, options.split),
-                                 options.amp)
+                                 options.amp, options.embed_dim)
     return {**metrics, **prompt_info}
 
 
@@ -98,7 +101,8 @@ def run_retrieval(resolved: ResolvedModel, data_dir: Path, options: EvalOptions)
     batches = captioned_batches(datasets.split_shards(data_dir, options.split), resolved.preprocess,
                                 options.batch_size, options.num_workers)
     return evaluate_retrieval(resolved.model.to(_device(options)), resolved.tokenizer, batches, _device(options),
-                              total=datasets.listed_num_samples(data_dir, options.split), amp=options.amp)
+                              total=datasets.listed_num_samples(data_dir, options.split), amp=options.amp,
+                              embed_dim=options.embed_dim)
 
 
 def run_linear_probe(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
@@ -160,6 +164,7 @@ def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOp
     if not can_run(task, resolved):
         raise ValueError(f"eval {task}: needs a {needed_kinds(task)} model, "
                          f"but {resolved.model_name} is a {resolved.kind}")
+    check_embed_dim(task, resolved, options.embed_dim)
     data_dir = Path(data_dir)
     metrics = EVAL_TASKS[task].run(resolved, data_dir, options)
     warnings = _count_warnings(task, data_dir, options.split, metrics)
@@ -180,6 +185,21 @@ def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOp
         "manifest_sha256": datasets.manifest_sha256(data_dir, options.split),
         "warnings": warnings,
     }
+
+
+EMBED_DIM_TASKS = ("zeroshot", "retrieval")
+
+
+def check_embed_dim(task: str, resolved: ResolvedModel, embed_dim: int | None) -> None:
+    """--embed-dim fits the task and the model: one line before any data is read."""
+    if embed_dim is None:
+        return
+    if task not in EMBED_DIM_TASKS:
+        raise ValueError(f"--embed-dim: applies to eval {' and '.join(EMBED_DIM_TASKS)}, not {task}")
+    width = (resolved.model_config or {}).get("embed_dim")
+    if embed_dim < 1 or (width is not None and embed_dim > width):
+        raise ValueError(f"--embed-dim {embed_dim}: must be between 1 and {resolved.model_name}'s embedding "
+                         f"width {width if width is not None else '(unknown)'}")
 
 
 def _count_warnings(task: str, data_dir: Path, split: str, metrics: dict) -> list[str]:

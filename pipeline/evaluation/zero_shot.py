@@ -3,6 +3,8 @@
 The classifier is built the way open_clip's `build_zero_shot_classifier` and CLIP_benchmark's
 `zero_shot_classifier` build it: each prompt's text embedding is L2-normalised, the prompts of a class
 are averaged, and the mean is normalised again. Logits are 100 * normalised image features @ W.
+With `embed_dim` (Matryoshka, `launch eval zeroshot --embed-dim D`) image and prompt embeddings keep their
+first D dims before each normalisation.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tqdm import tqdm
 from pipeline.data.stream import StreamBatch
 from pipeline.evaluation.metrics import classification_metrics
 from pipeline.evaluation.runtime import SkipTally
+from pipeline.models.clip import normalized_prefix
 from pipeline.precision import autocast
 
 # A template is a str with a `{c}` placeholder (CLIP_benchmark's files) or a callable (open_clip's).
@@ -42,8 +45,10 @@ def build_zeroshot_head(
     device: torch.device,
     prompts_per_forward: int = 1024,
     amp: bool = False,
+    embed_dim: int | None = None,
 ) -> torch.Tensor:
-    """Zero-shot weights, shape (embed_dim, num_classes), one normalised column per class."""
+    """Zero-shot weights, shape (embed_dim, num_classes), one normalised column per class; embed_dim None =
+    the model's full width."""
     if not classnames or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one template")
     num_templates = len(templates)
@@ -55,7 +60,7 @@ def build_zeroshot_head(
         texts = [prompt for name in names for prompt in render_prompts(name, templates)]
         with autocast(device, amp):
             embeddings = model.encode_text(tokenizer(texts).to(device)).float()
-        embeddings = F.normalize(embeddings, dim=-1).view(len(names), num_templates, -1).mean(dim=1)
+        embeddings = normalized_prefix(embeddings, embed_dim).view(len(names), num_templates, -1).mean(dim=1)
         columns.append(F.normalize(embeddings, dim=-1))
     return torch.cat(columns).T.contiguous()
 
@@ -70,12 +75,12 @@ def predict(
     total: int | None = None,
     amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) over every labelled batch."""
+    """(logits, targets) over every labelled batch; image features keep the classifier's width (its rows)."""
     logits, targets = [], []
     for batch in tally.track(batches, "zero-shot", total):
         with autocast(device, amp):
             features = model.encode_image(batch.images.to(device)).float()
-        logits.append((LOGIT_SCALE * F.normalize(features, dim=-1) @ classifier).cpu())
+        logits.append((LOGIT_SCALE * normalized_prefix(features, classifier.shape[0]) @ classifier).cpu())
         targets.append(batch.labels)
     if not logits:
         raise ValueError("no samples to score (every sample was skipped or the shards are empty)")
@@ -91,9 +96,10 @@ def evaluate_zero_shot(
     device: torch.device,
     total: int | None = None,
     amp: bool = False,
+    embed_dim: int | None = None,
 ) -> dict:
-    """acc1, acc5, mean_per_class_recall plus sample counts."""
-    classifier = build_zeroshot_head(model, tokenizer, classnames, templates, device, amp=amp)
+    """acc1, acc5, mean_per_class_recall plus sample counts and the embedding width scored (embed_dim)."""
+    classifier = build_zeroshot_head(model, tokenizer, classnames, templates, device, amp=amp, embed_dim=embed_dim)
     tally = SkipTally()
     logits, targets = predict(model, classifier, batches, device, tally, total, amp)
-    return {**classification_metrics(logits, targets), **tally.summary()}
+    return {**classification_metrics(logits, targets), **tally.summary(), "embed_dim": classifier.shape[0]}

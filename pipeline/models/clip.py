@@ -67,6 +67,23 @@ def check_clip_name(name: str) -> None:
                          f"open_clip.list_models(), e.g. RN50, ViT-B-32)")
 
 
+def clip_embed_dim(name: str) -> int:
+    """The joint embedding width of an open_clip architecture (its config's embed_dim)."""
+    register_tiny_configs()
+    return int(open_clip.get_model_config(name)["embed_dim"])
+
+
+def normalized_prefix(features: torch.Tensor, width: int | None) -> torch.Tensor:
+    """Matryoshka truncation: each embedding's first `width` dims, L2-normalised (None: the whole embedding).
+
+    Normalising is scale-invariant, so this gives the same for raw features as for the model's already
+    normalised ones (normalize(normalize(f)[:w]) == normalize(f[:w])): the loss can slice what the model's
+    forward returns and evaluation the raw encode_image / encode_text features, with one result."""
+    if width is not None and width > features.shape[-1]:
+        raise ValueError(f"embedding width {width} is larger than the model's ({features.shape[-1]})")
+    return torch.nn.functional.normalize(features[..., :width], dim=-1)
+
+
 def open_clip_train_exempt(name: str, param: torch.Tensor) -> bool:
     """open_clip_train's weight-decay exemption, verbatim (open_clip_train/main.py `exclude`).
 

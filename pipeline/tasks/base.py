@@ -60,6 +60,11 @@ class Task:
         """Forward + loss of one micro-batch; returns (loss, samples in it)."""
         raise NotImplementedError
 
+    def window_metrics(self) -> dict:
+        """The task's own training numbers since the last log row, averaged over ranks and named as inside
+        train/ (the trainer prefixes them); called on every rank at each log row. None by default."""
+        return {}
+
     def evaluate(self, module: torch.nn.Module, rank: int, world_size: int) -> dict:
         """Metrics over the validation data, identical on every rank (all-reduced), named as inside val/
         (top1, samples ...; the trainer prefixes them) with accuracies as fractions (pipeline/metrics.py)."""

@@ -15,10 +15,10 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.data.image_text import image_text_loader
 from pipeline.data.shards import resolve_shards
-from pipeline.models.clip import check_clip_name, get_tokenizer
-from pipeline.tasks.base import Task
+from pipeline.models.clip import check_clip_name, clip_embed_dim, get_tokenizer
+from pipeline.tasks.base import Task, all_reduce_sum
 from pipeline.tasks.contrastive_eval import evaluate_contrastive, zeroshot_sets
-from pipeline.tasks.contrastive_loss import build_contrastive_loss, contrastive_loss
+from pipeline.tasks.contrastive_loss import MatryoshkaLoss, build_contrastive_loss, contrastive_loss
 
 
 def split_sources(spec: str) -> list[list]:
@@ -33,6 +33,8 @@ class ContrastiveTask(Task):
         self.train_sources = split_sources(cfg.data.train)
         self.val_sources = split_sources(cfg.data.val) if cfg.data.val else []
         self.loss_fn = build_contrastive_loss(cfg.contrastive)
+        self.width_loss_sums: dict[int, torch.Tensor] = {}  # Matryoshka: width -> loss summed since the last log row
+        self.width_loss_calls = 0
 
     @classmethod
     def check(cls, cfg: Config) -> None:
@@ -40,6 +42,7 @@ class ContrastiveTask(Task):
             check_clip_name(cfg.model.name)
         except ValueError as err:
             raise ConfigError("model.name", str(err).removeprefix("model.name: ")) from None
+        check_matryoshka_dims(cfg.contrastive.matryoshka_dims, clip_embed_dim(cfg.model.name), cfg.model.name)
         if cfg.model.pretrained_path:
             check_weights_file(cfg.model.pretrained_path)
         try:
@@ -57,7 +60,23 @@ class ContrastiveTask(Task):
         images, texts = batch
         images, texts = self.images_to_device(images), texts.to(self.device, non_blocking=True)
         outputs = engine(images, texts)  # bf16 autocast, when on, is DeepSpeed's (engine.torch_autocast)
-        return contrastive_loss(self.loss_fn, outputs), len(texts)
+        loss = contrastive_loss(self.loss_fn, outputs)
+        if isinstance(self.loss_fn, MatryoshkaLoss):  # device-side sums: no host sync per step
+            for width, value in self.loss_fn.last_losses.items():
+                self.width_loss_sums[width] = self.width_loss_sums.get(width, 0.0) + value
+            self.width_loss_calls += 1
+        return loss, len(texts)
+
+    def window_metrics(self) -> dict:
+        """Matryoshka: each width's own loss (unweighted), as train/matryoshka/<width>/loss."""
+        if not isinstance(self.loss_fn, MatryoshkaLoss):
+            return {}
+        widths = sorted(self.width_loss_sums, reverse=True)
+        values = torch.stack([self.width_loss_sums[w].double() for w in widths]
+                             + [torch.tensor(float(self.width_loss_calls), dtype=torch.float64, device=self.device)])
+        totals = all_reduce_sum(values, self.device).tolist()
+        self.width_loss_sums, self.width_loss_calls = {}, 0
+        return {f"matryoshka/{w}/loss": total / max(totals[-1], 1.0) for w, total in zip(widths, totals)}
 
     @torch.no_grad()
     def evaluate(self, module, rank, world_size) -> dict:
@@ -66,6 +85,14 @@ class ContrastiveTask(Task):
             module, self.tokenizer, cfg.data, cfg.eval, cfg.contrastive, self.val_sources, self.device,
             self.amp, rank, world_size, seed=cfg.run.seed,
         )
+
+
+def check_matryoshka_dims(dims: tuple[int, ...], embed_dim: int, name: str) -> None:
+    """Every Matryoshka width is a proper prefix of the model's embedding (the full width is always trained)."""
+    too_wide = [d for d in dims if d >= embed_dim]
+    if too_wide:
+        raise ConfigError("contrastive.matryoshka_dims", f"{too_wide} not below {name}'s embedding width "
+                          f"{embed_dim} (the full width is always included)")
 
 
 def check_weights_file(path: str) -> None:

@@ -178,6 +178,8 @@ class DistillContrastiveTask(ContrastiveTask):
         super().check(cfg)
         if cfg.contrastive.loss != "clip":
             raise ConfigError("contrastive.loss", "CLIP distillation matches softmax similarity distributions: use clip")
+        if cfg.contrastive.matryoshka_dims:  # DistillClipLoss scores the full width only
+            raise ConfigError("contrastive.matryoshka_dims", "not supported by launch distill: leave it empty")
         resolved = load_teacher(cfg)
         if resolved.kind != cfg.model.kind:  # the teacher's similarities come from its own two towers
             raise ConfigError("distill.teacher", f"a CLIP student needs a CLIP teacher, got a {resolved.kind}")
