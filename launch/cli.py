@@ -1,5 +1,5 @@
 """The `launch` console script: pretrain, distill, eval, export, submit (status, logs, stop), benchmark-data,
-report.
+report, soup.
 
 Dispatch (as in data_prep/cli.py): each subcommand's parser sets `func`, the function that runs it; main() calls
 args.func(args). User mistakes (ConfigError / ValueError) print one line and exit 2, without a traceback.

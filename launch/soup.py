@@ -37,12 +37,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.soup import make_soup, write_soup
+    from pipeline.evaluation.soup import check_output, make_soup, write_soup
     from pipeline.evaluation.tasks import EvalOptions
 
     options = EvalOptions(split=args.split, batch_size=args.batch_size, num_workers=args.workers,
                           device=args.device)
     output = Path(args.output or DEFAULT_OUTPUT.format(method=args.method))
+    check_output(output)
     soup, record = make_soup(list(args.checkpoints), args.method, Path(args.data), options)
     files = write_soup(soup, record, output)
     print(json.dumps({**record, "files": [str(path) for path in files]}, indent=2))

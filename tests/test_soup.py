@@ -3,10 +3,13 @@ souped greedily and uniformly on the digits held-out set; the soup is a checkpoi
 incompatible ingredient is refused in one line.
 
 Every run is `launch pretrain --no-ray` in a subprocess (tests/test_compile.py pretrain_no_ray): resnet_nano
-with BatchNorm on 32 px digits, ZeRO-0, a few dozen steps (about 13 s each, most of it interpreter start)."""
+with BatchNorm on 32 px digits, ZeRO-0, a few dozen steps (about 13 s each on a quiet 2-core machine, most of it
+interpreter start)."""
 from __future__ import annotations
 
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,8 +43,11 @@ def fine_tunes(digits_root, tmp_path_factory) -> list[Path]:
     out = tmp_path_factory.mktemp("soup_runs")
     pretrained = _train(out, digits_root, "pretrained", 40, "optim.lr=0.2")
     (weights,) = export(resolve(str(pretrained)), "safetensors", out / "pretrained.safetensors")
-    return [_train(out, digits_root, f"ft_seed{seed}", 15, f"run.seed={seed}", f"optim.lr={lr}",
-                   f"model.pretrained_path={weights}") for seed, lr in FINE_TUNES]
+    # The three fine-tunes run side by side: each is mostly interpreter start-up, one core's worth.
+    with ThreadPoolExecutor(len(FINE_TUNES)) as pool:
+        runs = [pool.submit(_train, out, digits_root, f"ft_seed{seed}", 15, f"run.seed={seed}", f"optim.lr={lr}",
+                            f"model.pretrained_path={weights}") for seed, lr in FINE_TUNES]
+        return [run.result() for run in runs]
 
 
 def _soup(capsys, refs: list[Path], method: str, held_out: Path, output: Path) -> dict:
@@ -117,3 +123,32 @@ def test_an_incompatible_ingredient_is_refused_in_one_line(fine_tunes, digits_ro
     assert err == (f"error: soup: {tmp_path / 'five_classes'} cannot join a soup with {fine_tunes[0]}: "
                    "fc.weight has shape (5, 128), not (10, 128)")
     assert not (tmp_path / "no").exists()
+
+
+def test_clip_checkpoints_soup_on_zero_shot_accuracy_into_an_open_clip_folder(digits_root, tmp_path, capsys):
+    # Two CLIP checkpoints of one architecture (no training needed to check the path): held-out accuracy is
+    # `launch eval zeroshot`'s top-1, and the soup is an open_clip-dir folder.
+    raw = Config.from_dict({"data": {"train": "unused", "image_size_px": 32},
+                            "model": {"kind": "clip", "name": "clip-tiny-rn"}}).to_dict()
+    refs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = families.get("clip").build(Config.from_dict(raw), None)
+        write_our_checkpoint(tmp_path / f"clip{seed}", seed, model.state_dict(), raw)
+        refs.append(tmp_path / f"clip{seed}")
+    # One shard of the digits zero-shot set (160 images) with its class names and templates: a smaller held-out set.
+    held_out = tmp_path / "zeroshot"
+    held_out.mkdir()
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        shutil.copy(digits_root / "zeroshot" / name, held_out / name)
+    shutil.copy(digits_root / "zeroshot" / "test" / "1.tar", held_out / "1.tar")
+    code = main(["soup", "--checkpoints", *map(str, refs), "--method", "uniform", "--data", str(held_out),
+                 "--output", str(tmp_path / "soup"), "--workers", "0", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    record = json.loads(captured.out)
+    assert record["held_out_task"] == "zeroshot" and len(record["ingredients"]) == 2
+    assert json.loads((tmp_path / "soup" / "soup.json").read_text())["ingredients"][0]["held_out_acc1"] is not None
+    assert (tmp_path / "soup" / "open_clip_config.json").is_file()
+    soup = resolve(str(tmp_path / "soup"))
+    assert (soup.kind, soup.content_sha256) == ("clip", record["content_sha256"])

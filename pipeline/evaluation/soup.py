@@ -158,12 +158,17 @@ def make_soup(refs: list[str], method: str, data_dir: Path, options: EvalOptions
     return soup, record
 
 
+def check_output(output: Path) -> None:
+    """--output must be a new or empty folder (checked before the soup is made, and again before writing)."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"--output {output}: exists and is not an empty folder")
+
+
 def write_soup(soup: ResolvedModel, record: dict, output: Path) -> list[Path]:
     """The soup as its family's hub folder export (safetensors with our metadata + the library's config) and
     soup.json, in `output`; returns the files written, the weights first."""
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output {output}: exists and is not an empty folder")
+    check_output(output)
     layout = families.get(soup.kind).hub_folder
     if layout is not None:
         files = export(soup, layout.format, output)
