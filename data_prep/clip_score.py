@@ -127,6 +127,8 @@ class CuratorPool:
         # A GPU per actor where the cluster has them (the model runs there); else one CPU each, torch on one thread.
         options = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": 1}
         remote = ray.remote(**options)(Curator)
+        if checkpoint is not None and "://" not in checkpoint and os.path.exists(checkpoint):
+            checkpoint = os.path.abspath(checkpoint)  # actors need not share the driver's working directory
         threads = None if gpus >= 1 else 1
         actors = [remote.remote(checkpoint, model_name, threads) for _ in range(num_workers)]
         try:
