@@ -37,6 +37,7 @@ def _run(mode: str, index: int, args, output_dir: str) -> dict:
                  f"schedule.max_steps={args.max_steps}", f"checkpoint.every_steps={args.every_steps}",
                  "checkpoint.keep_last=2", f"ray.num_workers={args.workers}",
                  f"ray.cpus_per_worker={args.cpus_per_worker}", f"eval.async_num_cpus={args.async_cpus}",
+                 f"data.num_workers_per_rank={args.loader_workers}",
                  *MODES[mode]]
     command = [sys.executable, "-m", "launch", "pretrain", "--config", str(REPO / "configs" / "smoke_resnet.yaml"),
                *(part for override in overrides for part in ("--set", override))]
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--async-cpus", type=float, default=1.0)
+    parser.add_argument("--loader-workers", type=int, default=1,
+                        help="data.num_workers_per_rank (0: each rank decodes in its own process, one core per rank)")
     args = parser.parse_args()
 
     output_dir = tempfile.mkdtemp(prefix="async_eval_bench_")
