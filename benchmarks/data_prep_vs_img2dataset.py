@@ -13,7 +13,9 @@ each client decides whether to reuse connections). The URL table is a parquet fi
 Both tools: shorter side to --image-size (data-prep `--resize-mode shorter`, img2dataset
 `resize_mode=keep_ratio`), JPEG quality 95 (both defaults), webdataset shards of --shard-size
 samples, --processes processes x --threads threads (data-prep `--workers P --threads T`, which runs
-partitions as tasks on an embedded local Ray; img2dataset `processes_count`/`thread_count`).
+partitions in a local process pool, or as tasks on an embedded local Ray with `--executor ray`;
+img2dataset `processes_count`/`thread_count` with its multiprocessing distributor). data-prep runs as
+users run it: progress bar off (as for img2dataset's log), the corpus report on.
 samples/s = samples written / wall seconds of the whole command (start-up included). Rounds alternate
 (data-prep, img2dataset, data-prep, ...); each tool's figure is its best round. CPU seconds are those of
 the command's reaped child processes (the server, in this process, is not counted).
@@ -205,7 +207,8 @@ def run_data_prep(args: argparse.Namespace, table: Path, out: Path, env: dict[st
            "--output", str(out), "--caption-col", "caption", "--url-col", "url",
            "--image-size", str(args.image_size), "--resize-mode", "shorter", "--resample", "area",
            "--shard-size", str(args.shard_size), "--workers", str(args.processes),
-           "--threads", str(args.threads), "--timeout", "30", "--retries", "2", "--no-progress"]
+           "--threads", str(args.threads), "--timeout", "30", "--retries", "2", "--no-progress",
+           "--executor", args.executor]
     wall, cpu = _timed(cmd, env, out.with_name(out.name + ".log"))
     samples, size = _count_tar_samples(out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -253,6 +256,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each tool")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench/data_prep_vs_img2dataset"))
     parser.add_argument("--only", choices=("data-prep", "img2dataset"), help="run one tool only")
+    parser.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
+                        help="data-prep's --executor (auto: the local process pool here)")
     parser.add_argument("--out", type=Path, help="append JSON lines with every run here")
     args = parser.parse_args()
 
@@ -266,7 +271,7 @@ def main() -> int:
     # Everything stays on 127.0.0.1: no proxies, no update checks, an embedded single-machine Ray.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
            "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost", "WANDB_MODE": "disabled"}
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "RAY_ADDRESS"):
         env.pop(var, None)
     print(f"machine: {machine()}")
     print(f"corpus: {len(files)} JPEGs, longer side {LONG_SIDE} px, mean {mean_kb:.0f} KB, served at "
@@ -281,7 +286,8 @@ def main() -> int:
                 row = runner(args, table, args.workdir / f"out-{name}", env)
                 row.update(round=round_index, samples_per_s=row["samples"] / row["wall_s"],
                            samples_per_cpu_s=row["samples"] / max(row["cpu_s"], 1e-9),
-                           processes=args.processes, threads=args.threads, rows=num_rows)
+                           processes=args.processes, threads=args.threads, rows=num_rows,
+                           executor=args.executor if name == "data-prep" else None)
                 results[name].append(row)
                 print(f"round {round_index} {name:12s} {row['samples']:5d} samples  {row['wall_s']:6.1f} s  "
                       f"{row['samples_per_s']:7.1f} samples/s  {row['cpu_s']:6.1f} CPU-s "

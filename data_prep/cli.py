@@ -27,6 +27,10 @@ def _add_image_args(parser: argparse.ArgumentParser, default_size: int = 256) ->
     group.add_argument("--resample", choices=tuple(RESAMPLE_FILTERS), default="area",
                        help="resize filter; area (default, as img2dataset) averages the pixels under "
                             "each output pixel when shrinking and is bicubic when enlarging")
+    group.add_argument("--resize-only-if-bigger", action="store_true",
+                       help="leave images whose shorter side is at most --image-size as they are: not "
+                            "resized or cropped, original bytes kept where possible (upright RGB JPEG, "
+                            "PNG or WebP), as img2dataset's option of this name")
     group.add_argument("--jpeg-quality", type=int, default=95)
     group.add_argument("--min-image-size", type=int, default=0,
                        help="reject images whose shorter side is below this (pixels)")
@@ -36,8 +40,13 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("job")
     group.add_argument("--shard-size", type=int, default=1000, help="input rows per shard")
     group.add_argument("--workers", type=int, default=1,
-                       help="partitions in parallel; above 1 they run as Ray tasks")
-    group.add_argument("--address", default=None, help="Ray cluster address (default: embedded Ray)")
+                       help="partitions in parallel: worker processes, or Ray tasks (see --executor)")
+    group.add_argument("--address", default=None,
+                       help="Ray cluster address: partitions run as its tasks (default: $RAY_ADDRESS)")
+    group.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
+                       help="local: this process, or a process pool for --workers above 1; ray: Ray tasks "
+                            "(on --address, $RAY_ADDRESS or an embedded Ray); auto (default): ray when a "
+                            "cluster is named, else local. Same shards either way")
     group.add_argument("--threads", type=int, default=16, help="concurrent rows per partition")
     group.add_argument("--dedup", action="store_true", help="drop repeated images (same sha256)")
     group.add_argument("--retry-failed", action="store_true",
@@ -157,7 +166,7 @@ def _add_labelled_args(parser: argparse.ArgumentParser) -> None:
 
 def _image_options(args: argparse.Namespace) -> ImageOptions:
     return ImageOptions(args.image_size, args.resize_mode, args.jpeg_quality, args.min_image_size,
-                        args.resample)
+                        args.resample, args.resize_only_if_bigger)
 
 
 def _job_options(args: argparse.Namespace):  # -> JobOptions (imported lazily: keeps --help fast)
@@ -167,7 +176,7 @@ def _job_options(args: argparse.Namespace):  # -> JobOptions (imported lazily: k
     return JobOptions(args.shard_size, args.workers, args.address, args.threads, args.dedup,
                       args.retry_failed, not args.no_progress, shuffle_seed,
                       publish=getattr(args, "bucket_output", None),
-                      write_report=not getattr(args, "no_report", False))
+                      write_report=not getattr(args, "no_report", False), executor=args.executor)
 
 
 def _image_text_request(args: argparse.Namespace):

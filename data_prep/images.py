@@ -44,6 +44,9 @@ class ImageOptions:
     """Rows whose shorter side is below this many pixels are rejected as too_small."""
     resample: str = "area"
     """Filter of the resize, one of RESAMPLE_FILTERS ("area": box when shrinking, bicubic when enlarging)."""
+    resize_only_if_bigger: bool = False
+    """Images whose shorter side is already at most image_size are neither resized nor cropped
+    (img2dataset's option of this name); they keep their original bytes where resize mode "none" would."""
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -90,15 +93,16 @@ def process_image(raw: bytes, options: ImageOptions) -> EncodedImage:
         width, height = height, width
     if min(width, height) < options.min_image_size:
         raise RowRejected("too_small", f"{width}x{height}, below --min-image-size {options.min_image_size}")
-    if options.resize_mode != "none" and source_format == "JPEG":
+    keep_pixels = options.resize_mode == "none" or (
+        options.resize_only_if_bigger and min(width, height) <= options.image_size)
+    if not keep_pixels and source_format == "JPEG":
         # Decode at a reduced scale straight from the DCT: the largest speed-up for big JPEGs.
         image.draft("RGB", _scaled_size(image.size, options.image_size))
     image = _load_oriented(image, orientation)
-    if (options.resize_mode == "none" and orientation == 1 and image.mode == "RGB"
-            and source_format in _PASSTHROUGH_FORMATS):
+    if keep_pixels and orientation == 1 and image.mode == "RGB" and source_format in _PASSTHROUGH_FORMATS:
         return EncodedImage(raw, _PASSTHROUGH_FORMATS[source_format], width, height, width, height)
     rgb = to_rgb(image)
-    resized = resize(rgb, options.image_size, options.resize_mode, options.resample)
+    resized = rgb if keep_pixels else resize(rgb, options.image_size, options.resize_mode, options.resample)
     return EncodedImage(encode_jpeg(resized, options.jpeg_quality), "jpg", width, height,
                         resized.width, resized.height)
 

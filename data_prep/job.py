@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from data_prep.bucket import BucketOutput
 
 JOB_FILE = "_job.json"
+EXECUTORS = ("auto", "local", "ray")
 
 
 @dataclass
@@ -42,9 +44,9 @@ class JobOptions:
     shard_size: int = 1000
     """Input rows per partition; each partition becomes one shard of at most this many samples."""
     num_workers: int = 1
-    """Partitions in flight at once; above 1 (or with `address`) they run as Ray tasks."""
+    """Partitions in flight at once: worker processes (local pool) or Ray tasks (see `executor`)."""
     address: str | None = None
-    """Ray cluster address; None starts an embedded local Ray when num_workers > 1."""
+    """Ray cluster address; None with executor "ray" starts an embedded local Ray."""
     num_threads: int = 16
     """Rows fetched and decoded concurrently inside one partition."""
     dedup: bool = False
@@ -58,10 +60,23 @@ class JobOptions:
     """--output in a bucket: out_dir is its staging folder, each finished shard is uploaded (data_prep/bucket.py)."""
     write_report: bool = True
     """Write out_dir/stats/ (report.md, report.html, plots; data_prep/report.py) once the manifest is written."""
+    executor: str = "auto"
+    """Where partitions run, one of EXECUTORS: "local" (this process for one worker, else a process
+    pool: data_prep/local_runner.py), "ray" (tasks on `address`, $RAY_ADDRESS or an embedded Ray), or
+    "auto": Ray when a cluster is named (`address` or $RAY_ADDRESS), else local. The output is the same."""
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.num_workers < 1 or self.num_threads < 1:
             raise ValueError("--shard-size, --workers and --threads must be at least 1")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"--executor {self.executor!r}: expected one of {EXECUTORS}")
+        if self.executor == "local" and self.address is not None:
+            raise ValueError("--executor local runs on this machine; drop --address or use --executor ray")
+
+    def uses_ray(self) -> bool:
+        if self.executor != "auto":
+            return self.executor == "ray"
+        return self.address is not None or bool(os.environ.get("RAY_ADDRESS"))
 
 
 @dataclass
@@ -154,6 +169,7 @@ def _check_identity(out_dir: Path, spec: RowSpec, sources: list[SourceTable], jo
         previous = json.loads(path.read_text(encoding="utf-8"))
         # Jobs from before --resample existed resized with bicubic: `--resample bicubic` resumes them.
         previous.get("spec", {}).get("image", {}).setdefault("resample", "bicubic")
+        previous.get("spec", {}).get("image", {}).setdefault("resize_only_if_bigger", False)
         previous.setdefault("shuffle_seed", None)  # jobs from before shuffling kept the input order
         if previous != identity:
             changed = sorted(k for k in identity if previous.get(k) != identity[k])
@@ -209,16 +225,23 @@ def _execute(spec: RowSpec, todo: list[PartitionTask], out_dir: Path, job: JobOp
              seen: list[str] | None, advance: Callable[[PartitionResult], None]) -> None:
     if not todo:
         return
-    if job.num_workers == 1 and job.address is None:
+    if job.uses_ray():
+        from data_prep.ray_runner import run_partitions_on_ray
+
+        run_partitions_on_ray(spec, todo, str(out_dir), num_workers=job.num_workers, address=job.address,
+                              num_threads=job.num_threads, retry_failed=job.retry_failed, seen=seen,
+                              advance=advance)
+    elif job.num_workers == 1 or len(todo) == 1:  # one partition at a time: no pool to start
         claimer = HashRegistry(seen) if seen is not None else None
         for task in todo:
             advance(process_partition(spec, task, str(out_dir), job.num_threads, claimer,
                                       job.retry_failed))
-        return
-    from data_prep.ray_runner import run_partitions_on_ray
+    else:
+        from data_prep.local_runner import run_partitions_locally
 
-    run_partitions_on_ray(spec, todo, str(out_dir), num_workers=job.num_workers, address=job.address,
-                          num_threads=job.num_threads, retry_failed=job.retry_failed, seen=seen, advance=advance)
+        run_partitions_locally(spec, todo, str(out_dir), num_workers=job.num_workers,
+                               num_threads=job.num_threads, retry_failed=job.retry_failed, seen=seen,
+                               advance=advance)
 
 
 def _finalize(out_dir: Path, spec: RowSpec, tasks: list[PartitionTask], sources: list[SourceTable],

@@ -10,9 +10,7 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +20,7 @@ import pytest
 from PIL import Image
 
 from data_prep.cli import main
+from loopback_server import LoopbackServer
 
 COLOURS = [(i * 20 % 256, i * 50 % 256, i * 90 % 256) for i in range(12)]
 
@@ -32,36 +31,13 @@ def _jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (80, 60)) -> byt
     return out.getvalue()
 
 
-class _Server:
+class _Server(LoopbackServer):
     """Loopback image server: /img/N.jpg, /missing (404), /slow (sleeps), /corrupt, /flaky/N
     (503 while `broken`), /drip/N.jpg (delays each image, for the kill test)."""
 
     def __init__(self) -> None:
         self.broken = True
-        self.requests: list[str] = []
-        self.user_agents: set[str] = set()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep test output clean
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                server.requests.append(self.path)
-                server.user_agents.add(self.headers.get("User-Agent", ""))
-                status, body = server.respond(self.path)
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        super().__init__(lambda path: (*self.respond(path), []))
 
     def respond(self, path: str) -> tuple[int, bytes]:
         name = path.rsplit("/", 1)[-1].split(".")[0]
@@ -84,7 +60,7 @@ class _Server:
 def server() -> Iterator[_Server]:
     srv = _Server()
     yield srv
-    srv.httpd.shutdown()
+    srv.close()
 
 
 def _closed_port() -> int:
@@ -307,7 +283,7 @@ def test_ray_workers_match_local_run(tmp_path: Path, server: _Server, ray_sessio
     common = ["image-text", "--input", str(tmp_path / "u.parquet"), "--caption-col", "caption",
               "--url-col", "url", "--shard-size", "3", "--image-size", "16", "--dedup"]
     _run(*common, "--output", str(tmp_path / "local"))
-    _run(*common, "--output", str(tmp_path / "ray"), "--workers", "2")
+    _run(*common, "--output", str(tmp_path / "ray"), "--workers", "2", "--executor", "ray")
     local, ray_run = _manifest(tmp_path / "local"), _check_accounting(tmp_path / "ray", 13)
     assert ray_run["rejected"] == local["rejected"] == {"duplicate_image": 4, "http_404": 1}
     assert ray_run["num_samples"] == local["num_samples"] == 8

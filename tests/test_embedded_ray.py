@@ -73,7 +73,8 @@ def _run(argv: list[str], ray_tmpdir: Path, home: Path, timeout: float) -> subpr
 
 def _data_prep(image_tree: Path, out: Path, ray_tmpdir: Path) -> subprocess.CompletedProcess:
     return _run(["-m", "data_prep.cli", "labelled", "--input", str(image_tree), "--output", str(out),
-                 "--workers", "2", "--shard-size", "2", "--image-size", "16", "--no-progress"],
+                 "--workers", "2", "--executor", "ray", "--shard-size", "2", "--image-size", "16",
+                 "--no-progress"],
                 ray_tmpdir, out.parent, timeout=240)
 
 
