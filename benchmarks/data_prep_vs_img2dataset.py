@@ -99,9 +99,13 @@ class Server:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.request_queue_size = 256
+        class Backlogged(ThreadingHTTPServer):
+            # A class attribute: listen() runs in the constructor. With the default backlog (5), 32
+            # clients' connects overflow it and wait out ~1 s SYN retransmits (both tools alike).
+            request_queue_size = 256
+            daemon_threads = True
+
+        self.httpd = Backlogged(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
