@@ -106,7 +106,7 @@ def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOp
         if job.publish is not None:
             advance = _publishing(advance, job.publish, out_dir)
         _execute(spec, todo, out_dir, job, _seen_hashes(out_dir, tasks) if job.dedup else None,
-                 advance)
+                 advance, _import_report if job.write_report else lambda: None)
     manifest = _finalize(out_dir, spec, tasks, sources, job, dataset_name=dataset_name, split=split,
                          source_info=source_info, extra_rejected=extra_rejected or {},
                          manifest_extra=manifest_extra or {})
@@ -115,6 +115,12 @@ def run_job(spec: RowSpec, sources: list[SourceTable], out_dir: Path, job: JobOp
 
         write_report(out_dir)
     return JobReport(manifest, len(todo), time.monotonic() - start)
+
+
+def _import_report() -> None:
+    """The report's imports (matplotlib: ~1 s), done while a process pool works and this process waits,
+    rather than after the job, when only it is busy."""
+    from data_prep import report, report_plots  # noqa: F401 - imported for their side effect
 
 
 def _publishing(advance: Callable[[PartitionResult], None], bucket: "BucketOutput",
@@ -222,7 +228,8 @@ def _seen_hashes(out_dir: Path, tasks: list[PartitionTask]) -> list[str]:
 
 
 def _execute(spec: RowSpec, todo: list[PartitionTask], out_dir: Path, job: JobOptions,
-             seen: list[str] | None, advance: Callable[[PartitionResult], None]) -> None:
+             seen: list[str] | None, advance: Callable[[PartitionResult], None],
+             while_running: Callable[[], None]) -> None:
     if not todo:
         return
     if job.uses_ray():
@@ -241,7 +248,7 @@ def _execute(spec: RowSpec, todo: list[PartitionTask], out_dir: Path, job: JobOp
 
         run_partitions_locally(spec, todo, str(out_dir), num_workers=job.num_workers,
                                num_threads=job.num_threads, retry_failed=job.retry_failed, seen=seen,
-                               advance=advance)
+                               advance=advance, while_running=while_running)
 
 
 def _finalize(out_dir: Path, spec: RowSpec, tasks: list[PartitionTask], sources: list[SourceTable],

@@ -42,8 +42,11 @@ _RegistryManager.register("HashRegistry", HashRegistry)
 
 def run_partitions_locally(spec: RowSpec, todo: list[PartitionTask], out_dir: str, *, num_workers: int,
                            num_threads: int, retry_failed: bool, seen: list[str] | None,
-                           advance: Callable[[PartitionResult], None]) -> None:
-    """Run every partition in a pool of `num_workers` processes; arguments as run_partitions_on_ray's."""
+                           advance: Callable[[PartitionResult], None],
+                           while_running: Callable[[], None] = lambda: None) -> None:
+    """Run every partition in a pool of `num_workers` processes; arguments as run_partitions_on_ray's.
+    `while_running` runs in this process once the workers have started (after the fork: it may import
+    and start threads), while they work."""
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     remaining = {task.shard_index: task for task in todo}
     for restart in range(MAX_POOL_RESTARTS + 1):
@@ -58,7 +61,7 @@ def run_partitions_locally(spec: RowSpec, todo: list[PartitionTask], out_dir: st
                 claimer = manager.HashRegistry(seen + _written_digests(out_dir, todo, remaining))
             try:
                 _run_pool(context, spec, remaining, out_dir, num_workers, num_threads, retry_failed,
-                          claimer, advance)
+                          claimer, advance, while_running)
                 return
             except BrokenProcessPool:
                 if restart == MAX_POOL_RESTARTS:
@@ -81,7 +84,8 @@ def _written_digests(out_dir: str, todo: list[PartitionTask],
 
 def _run_pool(context: multiprocessing.context.BaseContext, spec: RowSpec,
               remaining: dict[int, PartitionTask], out_dir: str, num_workers: int, num_threads: int,
-              retry_failed: bool, claimer: object, advance: Callable[[PartitionResult], None]) -> None:
+              retry_failed: bool, claimer: object, advance: Callable[[PartitionResult], None],
+              while_running: Callable[[], None]) -> None:
     """Run the tasks of `remaining` (by shard index), removing each once its result went to `advance`."""
     with ProcessPoolExecutor(max_workers=num_workers, mp_context=context, initializer=_watch_parent,
                              initargs=(os.getpid(),)) as pool:
@@ -89,6 +93,7 @@ def _run_pool(context: multiprocessing.context.BaseContext, spec: RowSpec,
             pool.submit(process_partition, spec, task, out_dir, num_threads, claimer, retry_failed): task
             for task in remaining.values()}
         try:
+            while_running()  # the first submit forked every worker (fork start: all at once)
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 # Successes first: a broken pool fails every other future, and those finished are kept.
