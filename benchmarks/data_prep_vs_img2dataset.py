@@ -213,6 +213,8 @@ def run_data_prep(args: argparse.Namespace, table: Path, out: Path, env: dict[st
            "--shard-size", str(args.shard_size), "--workers", str(args.processes),
            "--threads", str(args.threads), "--timeout", "30", "--retries", "2", "--no-progress",
            "--executor", args.executor]
+    if args.data_prep_pythonpath:  # e.g. a folder holding only Pillow-SIMD's PIL package
+        env = {**env, "PYTHONPATH": args.data_prep_pythonpath}
     wall, cpu = _timed(cmd, env, out.with_name(out.name + ".log"))
     samples, size = _count_tar_samples(out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -262,6 +264,9 @@ def main() -> int:
     parser.add_argument("--only", choices=("data-prep", "img2dataset"), help="run one tool only")
     parser.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
                         help="data-prep's --executor (auto: the local process pool here)")
+    parser.add_argument("--data-prep-pythonpath", default="",
+                        help="PYTHONPATH for data-prep only: a folder with Pillow-SIMD's PIL measures it "
+                             "without replacing Pillow in the project's venv (RESULTS.md, data-prep)")
     parser.add_argument("--out", type=Path, help="append JSON lines with every run here")
     args = parser.parse_args()
 
@@ -291,7 +296,8 @@ def main() -> int:
                 row.update(round=round_index, samples_per_s=row["samples"] / row["wall_s"],
                            samples_per_cpu_s=row["samples"] / max(row["cpu_s"], 1e-9),
                            processes=args.processes, threads=args.threads, rows=num_rows,
-                           executor=args.executor if name == "data-prep" else None)
+                           executor=args.executor if name == "data-prep" else None,
+                           pythonpath=args.data_prep_pythonpath if name == "data-prep" else None)
                 results[name].append(row)
                 print(f"round {round_index} {name:12s} {row['samples']:5d} samples  {row['wall_s']:6.1f} s  "
                       f"{row['samples_per_s']:7.1f} samples/s  {row['cpu_s']:6.1f} CPU-s "
