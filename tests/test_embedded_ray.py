@@ -8,6 +8,7 @@ to the test so that neither the pointer file nor the other cluster meets anyone 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,10 @@ SMOKE = str(REPO / "configs" / "smoke_resnet.yaml")
 # What a run that attached to a foreign cluster, or whose Ray Train actors did, printed.
 RAY_FAILURES = ("Traceback", "PlacementGroupCleaner", "Found multiple active Ray instances",
                 "When connecting to an existing cluster")
+# Ray Train's controller prints this traceback itself when its resource request is slow under CPU load, and
+# says it is safe to ignore: no sign of a foreign cluster, so it is taken out of the run's log before the check.
+_TRANSIENT_RESOURCE_REQUEST = re.compile(
+    r"[^\n]*Failed to send resource request.*?ray\.exceptions\.GetTimeoutError[^\n]*", re.S)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +97,8 @@ def _assert_clean(result: subprocess.CompletedProcess, run_log: Path | None = No
     """Exit 0, and no sign of a foreign cluster in the console or (a run's) log of all that Ray printed."""
     console = result.stdout + result.stderr
     assert result.returncode == 0, console[-4000:]
-    for where, text in (("console", console), (str(run_log), run_log.read_text() if run_log else "")):
+    log = _TRANSIENT_RESOURCE_REQUEST.sub("", run_log.read_text()) if run_log else ""
+    for where, text in (("console", console), (str(run_log), log)):
         found = [marker for marker in RAY_FAILURES if marker in text]
         assert not found, f"{found} in the {where}:\n{text[-6000:]}"
 
