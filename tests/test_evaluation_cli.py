@@ -86,6 +86,21 @@ def test_eval_plan_takes_the_probe_method(tmp_path):
         load_plan(plan)
 
 
+def test_eval_plan_takes_matryoshka_widths(tmp_path):
+    from pipeline.evaluation.plan import load_plan
+
+    plan = tmp_path / "plan.yaml"
+    body = "output_dir: x\ncheckpoints: [a]\ndatasets: [{path: d, tasks: [zeroshot]}]\n"
+    plan.write_text(body)
+    assert load_plan(plan).embed_dims == (None,)  # the full width only, as without --embed-dim
+    plan.write_text(body + "embed_dims: [null, 32, 16, 32]\n")
+    assert load_plan(plan).embed_dims == (None, 32, 16)
+    for bad in ("[0]", "32", "[]", "[true]", "[wide]"):
+        plan.write_text(body + f"embed_dims: {bad}\n")
+        with pytest.raises(ValueError, match=r"plan.yaml: embed_dims: expected a list of widths >= 1 or null"):
+            load_plan(plan)
+
+
 def test_standalone_main_prints_one_line(setup, capsys):
     name, weights, data = setup
     assert launch_main(["eval", "classify", "--checkpoint", str(weights), "--model", name, "--data", str(data)]) == 2

@@ -176,3 +176,21 @@ def test_eval_cli_embed_dim_records_the_width_and_refuses_a_wider_one(runs, scor
     err = capsys.readouterr().err  # DeepSpeed's consolidation notes come first
     assert err.splitlines()[-1] == "error: --embed-dim 65: must be between 1 and clip-tiny-rn's embedding width 64"
     assert "Traceback" not in err, err
+
+
+@pytest.mark.integration
+def test_eval_plan_scores_each_width_as_the_cli_does(runs, scores, digits_root, tmp_path):
+    from pipeline.evaluation.plan import load_plan, run_plan, summary_table
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(f"output_dir: {tmp_path / 'results'}\nworkers: 0\nbatch_size: 128\n"
+                         f"checkpoints: [{runs['matryoshka']}]\n"
+                         f"datasets: [{{path: {digits_root / 'zeroshot'}, tasks: [zeroshot]}}]\n"
+                         f"embed_dims: [null, {WIDTHS[-1]}]\n")
+    rows = list(run_plan(load_plan(plan_file)))
+    assert [row["embed_dim"] for row in rows] == [None, WIDTHS[-1]]
+    for row in rows:  # the same numbers as one evaluation per width, each in its own file
+        assert row["value"] == scores["nested"][row["embed_dim"]]["acc1"]
+        assert json.loads(Path(row["file"]).read_text())["metrics"]["embed_dim"] == (row["embed_dim"] or 64)
+    assert len({row["file"] for row in rows}) == 2
+    assert f"acc1 @ {WIDTHS[-1]} dims" in summary_table(rows)

@@ -5,6 +5,7 @@
     workers: 2
     device: null
     probe_method: clip_benchmark       # optional: the linear-probe method (default logistic_regression)
+    embed_dims: [null, 32, 16]         # optional: zeroshot/retrieval at each Matryoshka width (null: full)
     checkpoints:
       - runs/smoke_clip                          # a REF ...
       - {ref: weights/tiny.pt, model: ViT-B-32}  # ... or a REF with its architecture
@@ -12,12 +13,13 @@
       - {path: data/wds_cifar10, tasks: [zeroshot, linear-probe]}
       - {path: data/wds_flickr8k, tasks: [retrieval]}
 
-Each checkpoint is resolved once. A task that does not fit a checkpoint's kind (zero-shot on a
+Each checkpoint is resolved once. With `embed_dims`, zeroshot and retrieval run once per width (as
+`--embed-dim D`; the result file names the width); the other tasks run once. A task that does not fit a checkpoint's kind (zero-shot on a
 classifier, classify on a CLIP model) is listed as skipped in the summary rather than failing the plan.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -25,10 +27,11 @@ import yaml
 
 from pipeline.evaluation.linear_probe import PROBE_METHODS
 from pipeline.evaluation.resolver import ResolvedModel, resolve
-from pipeline.evaluation.tasks import EVAL_TASKS, EvalOptions, can_run, evaluate, needed_kinds, write_result
+from pipeline.evaluation.tasks import (EMBED_DIM_TASKS, EVAL_TASKS, EvalOptions, can_run, evaluate, needed_kinds,
+                                      write_result)
 
 _TOP_KEYS = {"output_dir", "checkpoints", "datasets", "batch_size", "workers", "device", "amp", "split",
-             "probe_method"}
+             "probe_method", "embed_dims"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class EvalPlan:
     checkpoints: tuple[CheckpointEntry, ...]
     datasets: tuple[DatasetEntry, ...]
     options: EvalOptions
+    embed_dims: tuple[int | None, ...] = (None,)
+    """Widths zeroshot/retrieval score (None: the model's full width)."""
 
 
 def _fail(source: Path, key: str, message: str) -> ValueError:
@@ -92,6 +97,10 @@ def load_plan(path: Path) -> EvalPlan:
     method = raw.get("probe_method", EvalOptions.probe_method)
     if method not in PROBE_METHODS:
         raise _fail(path, "probe_method", f"unknown method {method!r} (valid: {', '.join(PROBE_METHODS)})")
+    embed_dims = raw.get("embed_dims", [None])
+    if (not isinstance(embed_dims, list) or not embed_dims
+            or not all(d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 1) for d in embed_dims)):
+        raise _fail(path, "embed_dims", f"expected a list of widths >= 1 or null (full width), got {embed_dims!r}")
     options = EvalOptions(split=raw.get("split", "test"), batch_size=int(raw.get("batch_size", 64)),
                           num_workers=int(raw.get("workers", 2)), device=raw.get("device"),
                           amp=bool(raw.get("amp", False)), probe_method=method)
@@ -100,14 +109,17 @@ def load_plan(path: Path) -> EvalPlan:
         checkpoints=tuple(_checkpoint(c, path, i) for i, c in enumerate(raw["checkpoints"])),
         datasets=tuple(_dataset(d, path, i) for i, d in enumerate(raw["datasets"])),
         options=options,
+        embed_dims=tuple(dict.fromkeys(embed_dims)),
     )
 
 
-def result_filename(result: dict) -> str:
-    """Unique per (checkpoint weights, dataset, task): the weights hash tells two steps apart."""
+def result_filename(result: dict, embed_dim: int | None = None) -> str:
+    """Unique per (checkpoint weights, dataset, task, width scored): the weights hash tells two steps apart."""
     step = "" if result["checkpoint_step"] is None else f"step{result['checkpoint_step']}_"
     model = result["model"].replace("/", "_")
-    return f"{result['dataset']}__{result['task']}__{model}_{step}{result['checkpoint_sha256'][:12]}.json"
+    width = "" if embed_dim is None else f"d{embed_dim}_"
+    return (f"{result['dataset']}__{result['task']}__{model}_{step}{width}"
+            f"{result['checkpoint_sha256'][:12]}.json")
 
 
 def run_plan(plan: EvalPlan) -> Iterator[dict]:
@@ -118,15 +130,16 @@ def run_plan(plan: EvalPlan) -> Iterator[dict]:
             for task in dataset.tasks:
                 headline = EVAL_TASKS[task].headline_metric
                 row = {"checkpoint": entry.ref, "step": resolved.step, "dataset": Path(dataset.path).name,
-                       "task": task, "metric": headline, "value": None, "file": None}
+                       "task": task, "metric": headline, "value": None, "file": None, "embed_dim": None}
                 if not can_run(task, resolved):
                     yield {**row, "skipped": f"skipped: needs a {needed_kinds(task)} model"}
                     continue
-                result = evaluate(task, resolved, Path(dataset.path), plan.options)
-                out = plan.output_dir / result_filename(result)
-                write_result(result, out)
-                yield {**row, "value": result["metrics"].get(headline), "file": str(out),
-                       "skipped": None}
+                for width in plan.embed_dims if task in EMBED_DIM_TASKS else (None,):
+                    result = evaluate(task, resolved, Path(dataset.path), replace(plan.options, embed_dim=width))
+                    out = plan.output_dir / result_filename(result, width)
+                    write_result(result, out)
+                    yield {**row, "value": result["metrics"].get(headline), "file": str(out), "skipped": None,
+                           "embed_dim": width}
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -135,6 +148,7 @@ def summary_table(rows: list[dict]) -> str:
     for row in rows:
         value = f"{row['value']:.4f}" if isinstance(row["value"], float) else (row["skipped"] or "-")
         step = "-" if row["step"] is None else str(row["step"])
-        lines.append(f"| {row['checkpoint']} | {step} | {row['dataset']} | {row['task']} | {row['metric']} "
+        metric = row["metric"] if row.get("embed_dim") is None else f"{row['metric']} @ {row['embed_dim']} dims"
+        lines.append(f"| {row['checkpoint']} | {step} | {row['dataset']} | {row['task']} | {metric} "
                      f"| {value} |")
     return "\n".join(lines)
