@@ -1,20 +1,31 @@
-"""URL downloads with a total deadline, retries with back-off, a user agent and a size limit.
+"""URL downloads with a total deadline, retries with back-off, a user agent and a size limit, over
+keep-alive connections (data_prep/http_pool.py).
 Every failure becomes `RowRejected` with a reason such as `http_404` or `timeout`; an image whose server
 opts out of our use (`X-Robots-Tag: noai`, data_prep/opt_out.py) becomes `opt_out`."""
 from __future__ import annotations
 
-import http.client
-import socket
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
+import urllib3
+from urllib3.exceptions import (ConnectTimeoutError, HTTPError, MaxRetryError, NameResolutionError,
+                                NewConnectionError, ProtocolError, ReadTimeoutError)
+from urllib3.util import Retry, Timeout
+
 from data_prep import __version__
+from data_prep.http_pool import manager_for
 from data_prep.images import RowRejected
 from data_prep.opt_out import DEFAULT_DISALLOWED_DIRECTIVES, HEADER, disallowing_directive, robots_tokens
 
 _CHUNK_BYTES = 1 << 16
+_DRAIN_LIMIT_BYTES = 1 << 16
+"""An unwanted body (an error page, an opted-out image) up to this size is read and dropped so that
+its connection can be reused; a longer one closes the connection instead."""
+_MAX_REDIRECTS = 10  # urllib's limit, which this replaces
+# urllib3 only follows redirects: every failure comes straight back to fetch_url, which retries with
+# back-off (no double retries), and too many redirects return the last 3xx answer (http_3xx, as before).
+_RETRIES = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=_MAX_REDIRECTS,
+                 raise_on_redirect=False, raise_on_status=False, respect_retry_after_header=False)
 
 
 @dataclass(frozen=True)
@@ -37,69 +48,127 @@ def fetch_url(url: str, options: FetchOptions) -> bytes:
     if not url.lower().startswith(("http://", "https://")):
         raise RowRejected("invalid_url", url[:200])
     attempt = 0
+    stale_retried = False
     while True:
         try:
             return _fetch_once(url, options)
         except _Transient as exc:
+            if exc.aborted and not stale_retried:
+                # Most likely a kept-alive connection the server closed as we sent on it (urllib3
+                # throws out connections closed while idle, not this race): once more at once, on a
+                # new connection, not counted as a failure.
+                stale_retried = True
+                continue
             if attempt >= options.num_retries:
                 raise RowRejected(exc.reason, exc.detail) from None
             time.sleep(options.backoff_seconds * (2 ** attempt))
             attempt += 1
+            stale_retried = False
 
 
 class _Transient(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, aborted: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
+        self.aborted = aborted
+        """The connection closed before any answer to the request."""
 
 
 def _fetch_once(url: str, options: FetchOptions) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": options.user_agent})
     deadline = time.monotonic() + options.timeout_seconds
     try:
-        with urllib.request.urlopen(request, timeout=options.timeout_seconds) as response:
-            # Checked on the headers, before the body: an opted-out image is never downloaded.
-            opted_out = disallowing_directive(response.headers.get_all(HEADER) or [],
-                                              robots_tokens(options.user_agent),
-                                              options.disallowed_header_directives)
-            if opted_out:
-                raise RowRejected("opt_out", opted_out)
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > options.max_bytes:
-                raise RowRejected("too_large", f"{length} bytes")
-            return _read_body(response, deadline, options.max_bytes)
-    except urllib.error.HTTPError as exc:
-        reason = f"http_{exc.code}"
-        if exc.code >= 500 or exc.code == 429:
-            raise _Transient(reason, str(exc.reason)) from None
-        raise RowRejected(reason, str(exc.reason)) from None
-    except (socket.timeout, TimeoutError):
-        raise _Transient("timeout", f"over {options.timeout_seconds} s") from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, (socket.timeout, TimeoutError)):
-            raise _Transient("timeout", f"over {options.timeout_seconds} s") from None
-        if isinstance(exc.reason, socket.gaierror):
-            raise RowRejected("dns_error", str(exc.reason)) from None
-        raise _Transient("connection_error", str(exc.reason)) from None
-    except (ConnectionError, http.client.HTTPException, OSError) as exc:
-        raise _Transient("connection_error", f"{type(exc).__name__}: {exc}") from None
-    except ValueError as exc:  # urllib's "unknown url type" and friends
-        raise RowRejected("invalid_url", str(exc)) from None
+        parsed = urllib3.util.parse_url(url)
+        if not parsed.host:
+            raise RowRejected("invalid_url", url[:200])
+        manager = manager_for(parsed.scheme or "http", parsed.netloc or parsed.host)
+        response = manager.request("GET", url, headers={"User-Agent": options.user_agent},
+                                   timeout=Timeout(total=options.timeout_seconds), retries=_RETRIES,
+                                   preload_content=False, decode_content=False)
+    except MaxRetryError as exc:
+        raise _rejection(exc.reason, options) from None
+    except HTTPError as exc:
+        raise _rejection(exc, options) from None
+    except ValueError as exc:  # a URL urllib3 cannot parse (LocationParseError is one)
+        raise RowRejected("invalid_url", str(exc)[:200]) from None
+    try:
+        return _accept(response, deadline, options)
+    except (HTTPError, OSError) as exc:  # while reading the body
+        response.close()
+        raise _Transient(*_transient_reason(exc, options)) from None
+    finally:
+        response.release_conn()
 
 
-def _read_body(response: http.client.HTTPResponse, deadline: float, max_bytes: int) -> bytes:
-    # The socket timeout bounds each read; this loop also bounds the whole body, so a server
-    # that drips one byte per second cannot hold a worker forever.
+def _accept(response: urllib3.BaseHTTPResponse, deadline: float, options: FetchOptions) -> bytes:
+    if not 200 <= response.status < 300:
+        reason = f"http_{response.status}"
+        _discard(response, deadline)
+        if response.status >= 500 or response.status == 429:
+            raise _Transient(reason, response.reason or "")
+        raise RowRejected(reason, response.reason or "")
+    # Checked on the headers, before the body: an opted-out image is never downloaded.
+    opted_out = disallowing_directive(response.headers.getlist(HEADER), robots_tokens(options.user_agent),
+                                      options.disallowed_header_directives)
+    if opted_out:
+        _discard(response, deadline)
+        raise RowRejected("opt_out", opted_out)
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > options.max_bytes:
+        _discard(response, deadline)
+        raise RowRejected("too_large", f"{length} bytes")
+    return _read_body(response, deadline, options.max_bytes)
+
+
+def _read_body(response: urllib3.BaseHTTPResponse, deadline: float, max_bytes: int) -> bytes:
+    # Each read waits at most until the deadline and returns what has arrived (read1), so a server that
+    # drips one byte at a time cannot hold a worker past it.
     chunks: list[bytes] = []
     size = 0
     while True:
-        if time.monotonic() > deadline:
-            raise _Transient("timeout", "body not received before the deadline")
-        chunk = response.read(_CHUNK_BYTES)
+        _wait_at_most_until(response, deadline)
+        chunk = response.read1(_CHUNK_BYTES)
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
+            response.close()
             raise RowRejected("too_large", f"over {max_bytes} bytes")
         chunks.append(chunk)
+
+
+def _wait_at_most_until(response: urllib3.BaseHTTPResponse, deadline: float) -> None:
+    remaining_seconds = deadline - time.monotonic()
+    if remaining_seconds <= 0:
+        response.close()
+        raise _Transient("timeout", "body not received before the deadline")
+    connection = response.connection
+    if connection is not None and connection.sock is not None:
+        connection.sock.settimeout(remaining_seconds)
+
+
+def _discard(response: urllib3.BaseHTTPResponse, deadline: float) -> None:
+    """Leave the connection reusable when the unwanted body is short, else close it."""
+    length = response.headers.get("Content-Length")
+    try:
+        if length and length.isdigit() and int(length) <= _DRAIN_LIMIT_BYTES:
+            _wait_at_most_until(response, deadline)
+            response.drain_conn()  # a failure here closes the connection
+            return
+    except _Transient:  # past the deadline: the reason stays the answer's own
+        pass
+    response.close()
+
+
+def _rejection(error: Exception | None, options: FetchOptions) -> Exception:
+    """The RowRejected or _Transient for a failure before any answer."""
+    if isinstance(error, NameResolutionError):
+        return RowRejected("dns_error", str(error)[:200])
+    return _Transient(*_transient_reason(error, options), aborted=isinstance(error, ProtocolError))
+
+
+def _transient_reason(error: Exception | None, options: FetchOptions) -> tuple[str, str]:
+    if isinstance(error, (ReadTimeoutError, TimeoutError)) or (
+            isinstance(error, ConnectTimeoutError) and not isinstance(error, NewConnectionError)):
+        return "timeout", f"over {options.timeout_seconds} s"
+    return "connection_error", f"{type(error).__name__}: {error}"[:300]

@@ -1,0 +1,61 @@
+"""Keep-alive HTTP connections for data-prep's downloads (data_prep/fetch.py): one urllib3 PoolManager
+per process, shared by its download threads, with a pool of connections per host.
+
+Why: a new TCP connection per image (urllib.request) costs a connect, a server-side thread and the
+handler chain's setup for every image; CDNs keep connections alive, so one per thread and host is enough.
+A proxy from the environment (`http_proxy`, `https_proxy`, `no_proxy`, as urllib reads them) gets a
+ProxyManager of its own. Pools are per process: a forked child drops its parent's (the sockets are the
+parent's) and builds its own on first use."""
+from __future__ import annotations
+
+import os
+import threading
+import urllib.request
+
+import urllib3
+from urllib3.util import make_headers, parse_url
+
+MAX_HOSTS = 32
+"""Hosts whose idle connections are kept (least recently used first out)."""
+MAX_CONNECTIONS_PER_HOST = 256
+"""Idle connections kept per host: above any sensible --threads, so threads never wait for one another
+(block=False) and no connection is thrown away on release; only connections in use at once are ever
+opened, so this bounds nothing in practice."""
+
+_lock = threading.Lock()
+_managers: dict[str | None, urllib3.PoolManager] = {}
+
+
+def _forget_parent_pools() -> None:
+    global _lock, _managers
+    _lock = threading.Lock()  # a thread of the parent may have held it at the fork
+    _managers = {}
+
+
+os.register_at_fork(after_in_child=_forget_parent_pools)
+
+
+def manager_for(scheme: str, host: str) -> urllib3.PoolManager:
+    """This process's manager for `scheme://host` (host with its port, if any): direct or through the
+    environment's proxy for that scheme."""
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and urllib.request.proxy_bypass(host):
+        proxy = None
+    manager = _managers.get(proxy)
+    if manager is None:
+        with _lock:
+            manager = _managers.get(proxy)
+            if manager is None:
+                manager = _managers[proxy] = _new_manager(proxy)
+    return manager
+
+
+def _new_manager(proxy: str | None) -> urllib3.PoolManager:
+    sizes = {"num_pools": MAX_HOSTS, "maxsize": MAX_CONNECTIONS_PER_HOST, "block": False}
+    if proxy is None:
+        return urllib3.PoolManager(**sizes)
+    if "://" not in proxy:
+        proxy = "http://" + proxy  # urllib reads `host:port` as an http proxy too
+    auth = parse_url(proxy).auth
+    headers = make_headers(proxy_basic_auth=auth) if auth else None
+    return urllib3.ProxyManager(proxy, proxy_headers=headers, **sizes)

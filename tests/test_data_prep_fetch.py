@@ -1,0 +1,244 @@
+"""data_prep/fetch.py against loopback servers: keep-alive connections, every rejection reason, stale
+connections, redirects, proxies. Only 127.0.0.1 is contacted (unresolvable names fail in a patched
+getaddrinfo before any resolver is asked)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
+
+import pytest
+
+from data_prep.fetch import FetchOptions, fetch_url
+from data_prep.images import RowRejected
+from loopback_server import LoopbackServer, Response
+
+FAST = FetchOptions(timeout_seconds=2.0, num_retries=2, backoff_seconds=0.0)
+
+
+def _image(n: int) -> bytes:
+    return f"image {n} ".encode() * 50
+
+
+def _respond(path: str) -> Response:
+    path = urllib.parse.urlsplit(path).path  # a proxy's request line holds the absolute URL
+    if path.startswith("/img/"):
+        return 200, _image(int(path.rsplit("/", 1)[-1])), []
+    if path == "/error500":
+        return 500, b"oops", []
+    if path == "/busy":
+        return 429, b"slow down", [("Retry-After", "1")]
+    if path == "/noai-small":
+        return 200, b"small", [("X-Robots-Tag", "noai")]
+    if path == "/noai-big":
+        return 200, b"x" * (1 << 20), [("X-Robots-Tag", "noai")]
+    if path == "/moved":
+        return 301, b"", [("Location", "/img/7")]
+    if path == "/found":
+        return 302, b"see there", [("Location", "/moved")]
+    if path == "/loop":
+        return 302, b"", [("Location", "/loop")]
+    return 404, b"not found", []
+
+
+@pytest.fixture()
+def keep_alive() -> Iterator[LoopbackServer]:
+    server = LoopbackServer(_respond, keep_alive=True)
+    yield server
+    server.close()
+
+
+def _reason(url: str, options: FetchOptions = FAST) -> str:
+    with pytest.raises(RowRejected) as info:
+        fetch_url(url, options)
+    return info.value.reason
+
+
+def test_connections_are_kept_alive_and_reused(keep_alive: LoopbackServer) -> None:
+    for n in range(20):
+        assert fetch_url(f"{keep_alive.base}/img/{n}", FAST) == _image(n)
+    assert keep_alive.num_connections == 1
+
+
+def test_threads_share_the_pool_without_blocking_each_other(keep_alive: LoopbackServer) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(lambda n: fetch_url(f"{keep_alive.base}/img/{n}", FAST), range(80)))
+    assert bodies == [_image(n) for n in range(80)]
+    assert keep_alive.num_connections <= 8  # at most one connection per thread in use at a time
+
+
+@pytest.mark.parametrize("server_kwargs", [{}, {"keep_alive": True, "responses_per_connection": 1},
+                                           {"keep_alive": True, "responses_per_connection": 3}],
+                         ids=["http10-close-each", "drop-after-1", "drop-after-3"])
+def test_connections_the_server_closed_are_not_failures(server_kwargs: dict) -> None:
+    server = LoopbackServer(_respond, **server_kwargs)
+    try:
+        no_retries = FetchOptions(timeout_seconds=2.0, num_retries=0)  # any counted failure would show
+        for n in range(12):
+            assert fetch_url(f"{server.base}/img/{n}", no_retries) == _image(n)
+        if server_kwargs:
+            assert server.num_dropped_requests > 0  # the stale connection was really met
+    finally:
+        server.close()
+
+
+def test_http_errors_and_retries(keep_alive: LoopbackServer) -> None:
+    assert _reason(f"{keep_alive.base}/missing") == "http_404"
+    assert keep_alive.requests.count("/missing") == 1  # a 404 is final
+    assert _reason(f"{keep_alive.base}/error500") == "http_500"
+    assert keep_alive.requests.count("/error500") == 3  # 1 + num_retries, ours only
+    assert _reason(f"{keep_alive.base}/busy") == "http_429"
+    assert keep_alive.requests.count("/busy") == 3  # Retry-After does not add urllib3 retries
+    # Small error bodies are drained: the connection is still reused.
+    assert keep_alive.num_connections == 1
+
+
+def test_redirects_are_followed(keep_alive: LoopbackServer) -> None:
+    assert fetch_url(f"{keep_alive.base}/moved", FAST) == _image(7)
+    assert fetch_url(f"{keep_alive.base}/found", FAST) == _image(7)
+    assert keep_alive.requests == ["/moved", "/img/7", "/found", "/moved", "/img/7"]
+    assert _reason(f"{keep_alive.base}/loop") == "http_302"
+
+
+def test_opt_out_and_connection_reuse_after_it(keep_alive: LoopbackServer) -> None:
+    assert _reason(f"{keep_alive.base}/noai-small") == "opt_out"
+    assert keep_alive.num_connections == 1  # drained and reused
+    assert _reason(f"{keep_alive.base}/noai-big") == "opt_out"
+    # The 1 MB body was not read: its connection is closed, the next image comes whole on a new one.
+    assert fetch_url(f"{keep_alive.base}/img/3", FAST) == _image(3)
+
+
+def test_user_agent_is_sent(keep_alive: LoopbackServer) -> None:
+    fetch_url(f"{keep_alive.base}/img/1", FetchOptions(user_agent="mybot/2.0"))
+    assert keep_alive.user_agents == {"mybot/2.0"}
+
+
+class _RawServer:
+    """One-shot answers written by `script(connection)` after the request head is read: for what
+    http.server cannot do (no Content-Length, a dripping body, headers without the promised body)."""
+
+    def __init__(self, script: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.num_requests = 0
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    return
+                self.num_requests += 1
+                threading.Thread(target=self._answer, args=(conn, script), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    @staticmethod
+    def _answer(conn: socket.socket, script: Callable[[socket.socket], None]) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                head += data
+            try:
+                script(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _drip(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(200):  # 10 s in all, each byte well within the socket timeout
+        conn.sendall(b"x")
+        time.sleep(0.05)
+
+
+def _headers_then_stall(extra: bytes) -> Callable[[socket.socket], None]:
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n" + extra + b"\r\n" + b"x" * 100)
+        time.sleep(10)  # the rest of the body never comes: reading it would time out
+    return script
+
+
+def _unsized_body(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 5000)  # ends when the connection closes
+
+
+@pytest.mark.parametrize("script, options, reason", [
+    (_drip, FetchOptions(timeout_seconds=0.5, num_retries=0), "timeout"),
+    (_headers_then_stall(b"X-Robots-Tag: noai\r\n"), FetchOptions(timeout_seconds=3, num_retries=0), "opt_out"),
+    (_headers_then_stall(b""), FetchOptions(timeout_seconds=3, num_retries=0, max_bytes=1000), "too_large"),
+    (_unsized_body, FetchOptions(timeout_seconds=3, num_retries=0, max_bytes=1000), "too_large"),
+], ids=["dripping-body", "opt-out-on-headers", "too-large-by-header", "too-large-by-body"])
+def test_reasons_from_raw_answers(script: Callable[[socket.socket], None], options: FetchOptions,
+                                  reason: str) -> None:
+    server = _RawServer(script)
+    try:
+        assert _reason(f"{server.base}/x.jpg", options) == reason
+    finally:
+        server.close()
+
+
+def test_timeout_is_retried_and_body_under_the_cap_is_read() -> None:
+    server = _RawServer(_drip)
+    try:
+        assert _reason(f"{server.base}/x.jpg", FetchOptions(timeout_seconds=0.3, num_retries=1,
+                                                             backoff_seconds=0.0)) == "timeout"
+        assert server.num_requests == 2
+    finally:
+        server.close()
+    server = _RawServer(_unsized_body)
+    try:
+        assert fetch_url(f"{server.base}/x.jpg", FetchOptions(max_bytes=5000)) == b"x" * 5000
+    finally:
+        server.close()
+
+
+@pytest.fixture()
+def no_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names under .invalid fail here, as a resolver would answer, without asking one."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if isinstance(host, (str, bytes)) and (host.decode() if isinstance(host, bytes) else host).endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY",
+                 "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("no_resolver")
+def test_connection_reasons() -> None:
+    assert _reason("http://images.nonexistent.invalid/a.jpg") == "dns_error"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    assert _reason(f"http://127.0.0.1:{closed_port}/a.jpg") == "connection_error"
+    assert _reason("ftp://127.0.0.1/a.jpg") == "invalid_url"
+    assert _reason("http:///a.jpg") == "invalid_url"
+
+
+@pytest.mark.usefixtures("no_resolver")
+def test_https_to_a_plain_http_port_is_a_connection_error(keep_alive: LoopbackServer) -> None:
+    assert _reason(keep_alive.base.replace("http://", "https://") + "/img/1") == "connection_error"
+
+
+@pytest.mark.usefixtures("no_resolver")
+def test_proxy_from_the_environment(keep_alive: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The loopback server stands in for the proxy: it sees the absolute URL of each request.
+    monkeypatch.setenv("http_proxy", keep_alive.base)
+    assert fetch_url("http://images.example.invalid/img/5", FAST) == _image(5)
+    assert keep_alive.requests == ["http://images.example.invalid/img/5"]
+    monkeypatch.setenv("no_proxy", "example.invalid")
+    assert _reason("http://images.example.invalid/img/5") == "dns_error"  # bypassed: resolved directly
