@@ -99,6 +99,12 @@ class SourceMix:
             self._layouts[source] = layout
         return (source, *layout.locate(offset))
 
+    def locate_run(self, position: int) -> tuple[str, int, int, int]:
+        """(shard path, sample index, run first, run end) of a mixed position (EpochLayout.locate_run)."""
+        source, index = self.source_of(position)
+        self.locate(position)  # the source's layout for this position's epoch
+        return self._layouts[source].locate_run(index % self.sizes[source])
+
 
 class MixedSegment:
     """Positions [segment x SEGMENT, (segment + 1) x SEGMENT) of the mixed stream, as one epoch of a
@@ -109,6 +115,9 @@ class MixedSegment:
 
     def locate(self, position: int) -> tuple[str, int]:
         return self.mix.locate(self.epoch * SEGMENT + position)[1:]
+
+    def locate_run(self, position: int) -> tuple[str, int, int, int]:
+        return self.mix.locate_run(self.epoch * SEGMENT + position)
 
 
 class MixedStream(ResumableStream):

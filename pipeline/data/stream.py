@@ -20,9 +20,13 @@ Evaluation (validation during training and `launch eval` alike) reads through Ev
 sample exactly once across ranks, in shard order, with the skipped ones counted by reason.
 
 Samples are read through pipeline.data.reader, by their members' offsets (pipeline.data.tar_index): seeking
-in a local tar, one ranged request per sample on object storage, with the next micro-batch's requests
-started while the current one decodes (the positions a worker reads next are known). A reader touches only
-the bytes of its own samples. Each stream yields a StreamBatch (batch, skips, position).
+in a local tar; on object storage one ranged request per sample with shuffle_block 1, or one per run of a
+block inside one shard (EpochLayout.locate_run; kept until this reader's samples of it are read, within
+reader.BLOCK_CACHE_BYTES), with the next micro-batch's requests started while the current one decodes (the
+positions a worker reads next are known). A block's samples are spread over its shuffle window, hence over
+ranks and loader workers: every reader that gets one of them fetches the block, so bytes read reach up to
+(readers sharing a block) x bytes used. How samples are fetched never changes the stream.
+Each stream yields a StreamBatch (batch, skips, position).
 """
 from __future__ import annotations
 
@@ -136,14 +140,31 @@ class EpochLayout:
         slot, inside = np.divmod(shifted, size)
         return self.blocks(slot) * size + inside
 
-    def locate(self, position: int) -> tuple[str, int]:
+    def _source(self, position: int) -> int:
+        """Index into the epoch's concatenated shards of the sample at `position`."""
         if self.blocks is None:  # evaluation: shard order, as written
-            source = position
-        else:
-            window, inside = divmod(position, self.window)
-            source = int(self._window_sources(window)[inside])
+            return position
+        window, inside = divmod(position, self.window)
+        return int(self._window_sources(window)[inside])
+
+    def locate(self, position: int) -> tuple[str, int]:
+        source = self._source(position)
         shard = bisect.bisect_right(self.starts, source) - 1
         return self.order[shard].path, source - self.starts[shard]
+
+    def locate_run(self, position: int) -> tuple[str, int, int, int]:
+        """(shard path, sample index, first, end): locate's answer and the run [first, end) of sample indices
+        of that shard in the same block (a block may straddle two shards: each side is a run). A reader
+        fetches a remote run with one request; the stream is the same whatever the runs."""
+        source = self._source(position)
+        shard = bisect.bisect_right(self.starts, source) - 1
+        base = self.starts[shard]
+        if self.blocks is None:
+            return self.order[shard].path, source - base, source - base, source - base + 1
+        block_first = source - source % self.block_size
+        first = max(block_first, base)
+        end = min(block_first + self.block_size, self.num_samples, self.starts[shard + 1])
+        return self.order[shard].path, source - base, first - base, end - base
 
 
 def independent_share(shuffle_window: int, shuffle_block: int, global_batch: int) -> float:
@@ -243,14 +264,14 @@ class ResumableStream(IterableDataset):
 
     def read(self, layout, position: int, store: "TarSamples"):
         """The decoded sample at `position` of `layout`'s epoch; raises SkipSample with the reason."""
-        path, index = layout.locate(position)
+        path, index, first, end = layout.locate_run(position)
         seed_sample_rng(self.seed, *self.sample_key(layout.epoch, position), all_devices=False)
-        return self.decode(store.read(path, index))
+        return self.decode(store.read(path, index, (first, end)))
 
-    def _locations(self, layout, first: int) -> list[tuple[str, int]]:
-        """The (shard, index) of this rank's slice of the global micro-batch at `first`."""
+    def _locations(self, layout, first: int) -> list[tuple[str, int, int, int]]:
+        """The (shard, index, run first, run end) of this rank's slice of the global micro-batch at `first`."""
         begin = first + self.rank * self.batch_size
-        return [layout.locate(p) for p in range(begin, begin + self.batch_size)]
+        return [layout.locate_run(p) for p in range(begin, begin + self.batch_size)]
 
     def micro_batches(self) -> Iterator[tuple[Any, int]]:
         """(layout, first position) of every global micro-batch from the start position on, forever.
@@ -304,18 +325,33 @@ class EvalStream(IterableDataset):
     def _positions(self, begin: int) -> range:
         return range(begin, min(begin + self.batch_size, self.layout.num_samples))
 
+    def _located(self, begin: int) -> dict[int, tuple[str, int, int, int]]:
+        """Position -> (shard, index, run first, run end) of one batch: its samples in one shard are one run
+        (a remote reader fetches them with one request)."""
+        positions = self._positions(begin)
+        starts = self.layout.starts
+        located = {}
+        for position in positions:
+            shard = bisect.bisect_right(starts, position) - 1
+            first = max(positions.start, starts[shard]) - starts[shard]
+            end = min(positions.stop, starts[shard + 1]) - starts[shard]
+            located[position] = (self.layout.order[shard].path, position - starts[shard], first, end)
+        return located
+
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         store = TarSamples()
         batches = self._batch_starts(worker, workers)
         if batches:
-            store.prefetch(self.layout.locate(p) for p in self._positions(batches[0]))
+            store.prefetch(self._located(batches[0]).values())
         for j, begin in enumerate(batches):
             if j + 1 < len(batches):  # the next batch's requests run while this one decodes
-                store.prefetch(self.layout.locate(p) for p in self._positions(batches[j + 1]))
-            items, skipped = read_each(lambda position: self.decode(store.read(*self.layout.locate(position))),
-                                       self._positions(begin))
+                store.prefetch(self._located(batches[j + 1]).values())
+            located = self._located(begin)
+            items, skipped = read_each(
+                lambda position: self.decode(store.read(*located[position][:2], located[position][2:])),
+                self._positions(begin))
             yield StreamBatch(self.collate(items) if items else None, skipped)
 
 
