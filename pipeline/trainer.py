@@ -143,7 +143,7 @@ def run_training(config_dict: dict, rank: int, world_size: int, local_rank: int,
         final = loop.run(task.train_batches(rank, world_size, position), start_step)
         outcome = "preempted" if final.get("preempted") else "finished"
         if not final.get("preempted"):  # a preempted run has no time to wait: `launch eval --follow` can catch up
-            loop.finish_async_eval()
+            final = {**final, **loop.finish_async_eval()}
     finally:
         loop.preemption.close()
         if loop.async_eval is not None:
@@ -305,19 +305,27 @@ class _Loop:
             checkpoint.apply_retention(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                        self.async_eval.in_flight() if self.async_eval is not None else frozenset())
 
-    def _log_async_eval(self, timeout_s: float | None) -> None:
+    def _log_async_eval(self, timeout_s: float | None) -> dict[int, dict]:
         """Rows of finished asynchronous evaluations, logged at their checkpoints' steps (rank 0 holds the actor)."""
         if self.async_eval is None:
-            return
+            return {}
+        logged: dict[int, dict] = {}
         for step, row in self.async_eval.finished(timeout_s):
             self.logger.log(step, row)
+            logged.setdefault(step, {}).update(row)
+        return logged
 
-    def finish_async_eval(self) -> None:
-        """The end of the run waits for every outstanding evaluation, then retention removes what they kept."""
+    def finish_async_eval(self) -> dict:
+        """The end of the run waits for every outstanding evaluation, then retention removes what they kept.
+        Returns the last step's evaluation row, which also joins final_metrics.json (written before the wait)."""
         if self.async_eval is None:
-            return
-        self._log_async_eval(timeout_s=None)
+            return {}
+        last_row = self._log_async_eval(timeout_s=None).get(self.plan.total_steps, {})
         checkpoint.apply_retention(self.cfg.run_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        final_file = self.cfg.run_dir / "final_metrics.json"
+        if last_row and final_file.is_file():
+            final_file.write_text(json.dumps({**json.loads(final_file.read_text()), **last_row}, indent=1))
+        return last_row
 
     def _maybe_inject_failure(self, step: int) -> None:
         """Fault drill (run.inject_failure_at_step): the last rank dies once, as a killed process would."""

@@ -52,6 +52,10 @@ def test_async_eval_logs_each_checkpoint_at_its_step_as_launch_eval_scores_it(as
     assert {m: rows[24][f"eval/val/{m}"] for m in COMPARED} == pytest.approx({m: expected[m] for m in COMPARED},
                                                                               abs=1e-9)
     assert rows[24]["checkpoint"] == str(run_dir / "checkpoints" / "step_00000024")
+    # The last checkpoint's evaluation ends after final_metrics.json is first written: it joins it, and the outcome.
+    final_file = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final_file["eval/val/acc1"] == rows[24]["eval/val/acc1"] == final["eval/val/acc1"]
+    assert "train/loss" in final_file
     # The report reads eval rows, logged after later training rows, into their own step's row; no resume.
     record = load_run(run_dir)
     assert record.num_resumes == 0
