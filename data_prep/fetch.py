@@ -78,19 +78,15 @@ class _Transient(Exception):
 def _fetch_once(url: str, options: FetchOptions) -> bytes:
     deadline = time.monotonic() + options.timeout_seconds
     try:
-        parsed = urllib3.util.parse_url(url)
-        if not parsed.host:
-            raise RowRejected("invalid_url", url[:200])
-        manager = manager_for(parsed.scheme or "http", parsed.netloc or parsed.host)
-        response = manager.request("GET", url, headers={"User-Agent": options.user_agent},
-                                   timeout=Timeout(total=options.timeout_seconds), retries=_RETRIES,
-                                   preload_content=False, decode_content=False)
+        response = manager_for(url).request("GET", url, headers={"User-Agent": options.user_agent},
+                                            timeout=Timeout(total=options.timeout_seconds), retries=_RETRIES,
+                                            preload_content=False, decode_content=False)
     except MaxRetryError as exc:
         raise _rejection(exc.reason, options) from None
+    except ValueError as exc:  # no host, a bad port, ... (urllib3's LocationValueError): before HTTPError, its base too
+        raise RowRejected("invalid_url", str(exc)[:200]) from None
     except HTTPError as exc:
         raise _rejection(exc, options) from None
-    except ValueError as exc:  # a URL urllib3 cannot parse (LocationParseError is one)
-        raise RowRejected("invalid_url", str(exc)[:200]) from None
     try:
         return _accept(response, deadline, options)
     except (HTTPError, OSError) as exc:  # while reading the body

@@ -8,6 +8,7 @@ ProxyManager of its own. Pools are per process: a forked child drops its parent'
 parent's) and builds its own on first use."""
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import urllib.request
@@ -35,12 +36,15 @@ def _forget_parent_pools() -> None:
 os.register_at_fork(after_in_child=_forget_parent_pools)
 
 
-def manager_for(scheme: str, host: str) -> urllib3.PoolManager:
-    """This process's manager for `scheme://host` (host with its port, if any): direct or through the
-    environment's proxy for that scheme."""
-    proxy = urllib.request.getproxies().get(scheme)
-    if proxy and urllib.request.proxy_bypass(host):
-        proxy = None
+def manager_for(url: str) -> urllib3.PoolManager:
+    """This process's manager for `url`: direct or through the environment's proxy for its scheme."""
+    proxy = None
+    proxies = _proxies(tuple(os.environ.get(name) for name in _PROXY_VARIABLES))
+    if proxies:
+        parsed = parse_url(url)
+        proxy = proxies.get(parsed.scheme or "http")
+        if proxy and urllib.request.proxy_bypass(parsed.netloc or ""):
+            proxy = None
     manager = _managers.get(proxy)
     if manager is None:
         with _lock:
@@ -48,6 +52,16 @@ def manager_for(scheme: str, host: str) -> urllib3.PoolManager:
             if manager is None:
                 manager = _managers[proxy] = _new_manager(proxy)
     return manager
+
+
+# urllib.request.getproxies() scans the whole environment (~0.1 ms per image); these names, read one
+# by one, tell when its answer may have changed.
+_PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+
+
+@functools.lru_cache(maxsize=4)
+def _proxies(settings: tuple[str | None, ...]) -> dict[str, str]:
+    return urllib.request.getproxies()
 
 
 def _new_manager(proxy: str | None) -> urllib3.PoolManager:

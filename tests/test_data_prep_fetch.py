@@ -3,6 +3,7 @@ connections, redirects, proxies. Only 127.0.0.1 is contacted (unresolvable names
 getaddrinfo before any resolver is asked)."""
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from data_prep import http_pool
 from data_prep.fetch import FetchOptions, fetch_url
 from data_prep.images import RowRejected
 from loopback_server import LoopbackServer, Response
@@ -242,3 +244,17 @@ def test_proxy_from_the_environment(keep_alive: LoopbackServer, monkeypatch: pyt
     assert keep_alive.requests == ["http://images.example.invalid/img/5"]
     monkeypatch.setenv("no_proxy", "example.invalid")
     assert _reason("http://images.example.invalid/img/5") == "dns_error"  # bypassed: resolved directly
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_a_forked_child_opens_its_own_connections(keep_alive: LoopbackServer) -> None:
+    # data_prep/local_runner.py forks workers; a parent's pooled socket used by two processes would
+    # interleave their requests and answers.
+    assert fetch_url(f"{keep_alive.base}/img/1", FAST) == _image(1)
+    pid = os.fork()
+    if pid == 0:  # the child: only fetch, then leave without running the parent's cleanup
+        ok = not http_pool._managers and fetch_url(f"{keep_alive.base}/img/2", FAST) == _image(2)
+        os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert fetch_url(f"{keep_alive.base}/img/3", FAST) == _image(3)  # the parent's connection still works
+    assert keep_alive.num_connections == 2
