@@ -71,8 +71,7 @@ class _Transient(Exception):
         super().__init__(reason)
         self.reason = reason
         self.detail = detail
-        self.aborted = aborted
-        """The connection closed before any answer to the request."""
+        self.aborted = aborted  # the connection closed before any answer to the request
 
 
 def _fetch_once(url: str, options: FetchOptions) -> bytes:
@@ -83,7 +82,7 @@ def _fetch_once(url: str, options: FetchOptions) -> bytes:
                                             preload_content=False, decode_content=False)
     except MaxRetryError as exc:
         raise _rejection(exc.reason, options) from None
-    except ValueError as exc:  # no host, a bad port, ... (urllib3's LocationValueError): before HTTPError, its base too
+    except ValueError as exc:  # no host, a bad port (LocationValueError): caught before HTTPError, its other base
         raise RowRejected("invalid_url", str(exc)[:200]) from None
     except HTTPError as exc:
         raise _rejection(exc, options) from None

@@ -4,11 +4,15 @@ getaddrinfo before any resolver is asked)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -122,9 +126,9 @@ class _RawServer:
     """One-shot answers written by `script(connection)` after the request head is read: for what
     http.server cannot do (no Content-Length, a dripping body, headers without the promised body)."""
 
-    def __init__(self, script: Callable[[socket.socket], None]) -> None:
+    def __init__(self, script: Callable[[socket.socket], None], tls: ssl.SSLContext | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.listener.getsockname()[1]}"
         self.num_requests = 0
 
         def serve() -> None:
@@ -134,12 +138,19 @@ class _RawServer:
                 except OSError:
                     return
                 self.num_requests += 1
-                threading.Thread(target=self._answer, args=(conn, script), daemon=True).start()
+                threading.Thread(target=self._answer, args=(conn, script, tls), daemon=True).start()
 
         threading.Thread(target=serve, daemon=True).start()
 
     @staticmethod
-    def _answer(conn: socket.socket, script: Callable[[socket.socket], None]) -> None:
+    def _answer(conn: socket.socket, script: Callable[[socket.socket], None],
+                tls: ssl.SSLContext | None) -> None:
+        if tls is not None:
+            try:
+                conn = tls.wrap_socket(conn, server_side=True)
+            except OSError:  # the client refused our certificate
+                conn.close()
+                return
         with conn:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -210,7 +221,8 @@ def no_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
     real = socket.getaddrinfo
 
     def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
-        if isinstance(host, (str, bytes)) and (host.decode() if isinstance(host, bytes) else host).endswith(".invalid"):
+        name = host.decode() if isinstance(host, bytes) else host
+        if isinstance(name, str) and name.endswith(".invalid"):
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return real(host, *args, **kwargs)
 
@@ -258,3 +270,25 @@ def test_a_forked_child_opens_its_own_connections(keep_alive: LoopbackServer) ->
     assert os.waitpid(pid, 0)[1] == 0
     assert fetch_url(f"{keep_alive.base}/img/3", FAST) == _image(3)  # the parent's connection still works
     assert keep_alive.num_connections == 2
+
+
+def _small_image(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with the openssl command")
+def test_https_verifies_the_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = _RawServer(_small_image, tls)
+    try:
+        assert _reason(f"{server.base}/x.jpg") == "connection_error"  # self-signed: not trusted
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # now it is (OpenSSL's default trust store)
+        assert fetch_url(f"{server.base}/x.jpg", FAST) == b"hello"
+    finally:
+        server.close()
