@@ -207,7 +207,7 @@ def _scale_shorter(image: Image.Image, size_px: int, resample: str,
     `dct_box`: set when a JPEG draft decode scaled the picture down in the DCT, the part of `image` that
     holds it (the decoder pads odd sizes to whole pixels; scaling the pad as picture shifted and
     stretched the output). Box stays the filter after such a decode: bicubic gains 1.9 dB PSNR more but
-    costs ~0.3 ms per 640 px image, +9% (benchmarks/resize_micro.py, RESULTS.md issue 16)."""
+    costs 0.3-0.4 ms per 640 px image, +8-11% (benchmarks/resize_micro.py, RESULTS.md issue 16)."""
     box = dct_box or (0.0, 0.0, float(image.width), float(image.height))
     picture_size = (box[2] - box[0], box[3] - box[1])
     target = _scaled_size(picture_size, size_px)
