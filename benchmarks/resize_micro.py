@@ -6,9 +6,10 @@
     # --tree: the root of another checkout (e.g. `git archive`) whose process_image is measured
 
 One process, one thread (`time.process_time`, robust to other load on a shared machine; OpenCV and
-torch held to one thread, as a worker of 16 threads would have to), on the benchmark's own corpus (`build_corpus` of
-benchmarks/data_prep_vs_img2dataset.py: photo-like JPEGs, longer side 640, quality 90). Every variant
-makes the stored image of `--resize-mode shorter --image-size 256 --resample area`, JPEG quality 95.
+torch held to one thread, as a worker of 16 threads would have to), on the benchmark's own corpus
+(`build_corpus` of benchmarks/data_prep_vs_img2dataset.py: photo-like JPEGs, longer side 640, quality 90).
+Every variant makes the stored image of `--resize-mode shorter --image-size 256 --resample area`, JPEG
+quality 95.
 Quality: PSNR of the stored image, decoded, against a reference = a full-resolution decode resized to the
 same size with Pillow's Lanczos (mean and min over the images).
 
