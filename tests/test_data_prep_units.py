@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -135,6 +136,34 @@ def test_write_shards_atomic_names_and_counts(tmp_path: Path) -> None:
     # Eval sets: CLIP_benchmark's unpadded 0.tar, 1.tar, ...
     records = write_shards(tmp_path / "eval", iter([Sample("a", {"cls": b"0"})] * 3), 2, padded=False)
     assert [r.name for r in records] == ["0.tar", "1.tar"]
+
+
+def _tarfile_shard(samples: list[Sample]) -> bytes:
+    """A shard as the stdlib tarfile's stream mode writes it (data-prep's writer before its header template)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w|") as tar:
+        for sample in samples:
+            for ext in sorted(sample.files):
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mtime, info.mode = len(sample.files[ext]), 1_700_000_000, 0o444
+                info.uname = info.gname = "bigdata"
+                tar.addfile(info, io.BytesIO(sample.files[ext]))
+    return out.getvalue()
+
+
+def test_write_shards_bytes_as_tarfile_writes_them_and_index_as_read_back(tmp_path: Path) -> None:
+    from pipeline.data.tar_index import from_json, index_local
+
+    samples = [Sample(key, {"jpg": b"\xff" * size, "txt": "caption é".encode(), "JSON": b"{}"})
+               for key, size in [("k0", 0), ("k1", 511), ("k2", 512), ("k3", 513), ("k4", 10_240),
+                                 ("x" * 95, 7), ("y" * 97, 9),  # names of 100 and 102 characters
+                                 ("clé_ünïcode", 3), ("__hidden", 5), ("k5", 1)]]
+    records = write_shards(tmp_path, iter(samples), samples_per_shard=len(samples))
+    data = (tmp_path / "00000.tar").read_bytes()
+    assert data == _tarfile_shard(samples)
+    assert (records[0].num_bytes, records[0].sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    sidecar = from_json((tmp_path / "00000.idx.json").read_text(), len(data))
+    assert sidecar == index_local(tmp_path / "00000.tar") and len(sidecar) == len(samples) - 1
 
 
 def test_cli_bad_input_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
