@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -43,6 +44,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.data.permute import Permutation
 from pipeline.data.reader import TarSamples, read_each
 from pipeline.data.shards import Shard
+
+
+# Micro-batches of its own whose block runs a loader worker requests ahead (shuffle_block > 1; memory stays
+# within reader.BLOCK_CACHE_BYTES): a few, so a new window's blocks are in before its first micro-batch.
+RUN_LOOKAHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -289,12 +295,16 @@ class ResumableStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         store = TarSamples()
         mine = (batch for k, batch in enumerate(self.micro_batches()) if k % workers == worker)
-        upcoming = next(mine)
-        store.prefetch(self._locations(*upcoming))
+        # Samples: the next micro-batch's requests are in flight while this one decodes. Runs of blocks:
+        # RUN_LOOKAHEAD of them, so the blocks of the next shuffle window (all needed at once, as its first
+        # micro-batch touches most of them) arrive before the window starts.
+        ahead = collections.deque(itertools.islice(mine, RUN_LOOKAHEAD if self.shuffle_block > 1 else 1))
+        for upcoming in ahead:
+            store.prefetch(self._locations(*upcoming))
         while True:
-            layout, first = upcoming
-            upcoming = next(mine)  # endless: there is always a next micro-batch
-            store.prefetch(self._locations(*upcoming))  # in flight while this one decodes
+            layout, first = ahead.popleft()
+            ahead.append(next(mine))  # endless: there is always a next micro-batch
+            store.prefetch(self._locations(*ahead[-1]))
             begin = first + self.rank * self.batch_size
             items, skipped = read_each(lambda position: self.read(layout, position, store),
                                        range(begin, begin + self.batch_size))
