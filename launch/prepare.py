@@ -118,6 +118,9 @@ def preflight(cfg: Config, source: str) -> None:
     warning = shuffle_warning(cfg)
     if warning:
         print(f"[launch] warning: {warning}", flush=True)
+    note = remote_read_note(cfg)
+    if note:
+        print(f"[launch] note: {note}", flush=True)
     if storage.is_remote(cfg.run.output_dir):
         try:  # a missing bucket, wrong credentials or a dead endpoint: one line, before any worker starts
             storage.check_reachable(cfg.run.output_dir, "run.output_dir", writable=True)
@@ -184,6 +187,23 @@ def spot_check(shard_path: str, key: str, source: str, num_samples: int = 8) -> 
                 break
     raise ConfigError(key, f"spot check of {shard_path}: none of its first {len(skipped)} samples decodes "
                       f"(first: {skipped[0]})", source)
+
+
+# Below this many samples per ranged GET the client's per-request CPU (~2.8 ms against ~0.05 ms for a local
+# read, benchmarks/RESULTS.md, issue 14) dominates a remote loader.
+REMOTE_BLOCK_HINT = 64
+
+
+def remote_read_note(cfg: Config) -> str | None:
+    """One line when training reads a bucket one sample per request: block reads are the fast way, and the
+    block is part of the stream, so the user chooses it (it is never changed behind their back)."""
+    remote = [p.strip() for p in cfg.data.train.split("::") if p.strip() and storage.is_remote(p.strip())]
+    if not remote or cfg.data.shuffle_block >= REMOTE_BLOCK_HINT:
+        return None
+    return (f"data.train is in a bucket ({remote[0]}) and data.shuffle_block is {cfg.data.shuffle_block}: about "
+            f"{cfg.data.shuffle_block} sample(s) per ranged GET; on shards data-prep shuffled, data.shuffle_block: "
+            f"{REMOTE_BLOCK_HINT} reads a block per GET (the loader then ran at 0.8-1x of local disk, "
+            f"against 0.1-0.15x one sample per GET: benchmarks/RESULTS.md)")
 
 
 def shuffle_warning(cfg: Config) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,19 @@ def test_evaluation_reads_a_batch_per_get(local_shards, s3_bucket, tmp_path, mon
             for k in item.batch]
     assert keys == [f"s{i:04d}" for i in range(NUM_SHARDS * PER_SHARD)]
     assert len(gets.urls) <= 10 + NUM_SHARDS - 1
+
+
+def test_preflight_notes_one_line_when_a_bucket_is_read_a_sample_per_get():
+    from launch.prepare import REMOTE_BLOCK_HINT, remote_read_note
+    from pipeline.config import load_config
+
+    def note(**values) -> str | None:
+        smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke_clip.yaml")
+        return remote_read_note(load_config(smoke, [f"{k}={v}" for k, v in values.items()]))
+
+    line = note(**{"data.train": "s3://bucket/shards"})
+    assert line is not None and "\n" not in line and "s3://bucket/shards" in line
+    assert f"data.shuffle_block: {REMOTE_BLOCK_HINT}" in line and "data.shuffle_block is 1" in line
+    assert note(**{"data.train": "/local/shards"}) is None  # local reads are cheap: nothing to say
+    assert note(**{"data.train": "s3://bucket/shards", "data.shuffle_block": REMOTE_BLOCK_HINT}) is None
+    assert note(**{"data.train": "/local/a::gs://bucket/b"}) is not None  # any remote source
