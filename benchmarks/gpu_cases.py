@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,12 +29,22 @@ import time
 from pathlib import Path
 
 PEAK_TFLOPS = 790.0
+LOG_EVERY_STEPS = 10
 GFLOP_PER_SAMPLE = {"resnet50": 24.3, "clip_b32": 44.2}
 
 
-def synthetic_torch(model_name: str, batch: int, steps: int, device: str, compile_model: bool) -> float:
+def profile_window(steps: int) -> tuple[int, int]:
+    """The steps profiled: 4 steps from half-way (warm, as run.profile_steps does for ours)."""
+    first = max(2, steps // 2)
+    return first, min(steps, first + 3)
+
+
+def synthetic_torch(model_name: str, batch: int, steps: int, device: str, compile_model: bool,
+                    profile_dir: Path | None = None) -> float:
     """Reference step: the plain PyTorch loop (timm's --torchcompile when compiled)."""
     import torch
+
+    from pipeline.profiling import StepProfiler
 
     if device == "cuda":  # what timm's train.py and open_clip_train set
         torch.backends.cudnn.benchmark = True
@@ -66,7 +77,10 @@ def synthetic_torch(model_name: str, batch: int, steps: int, device: str, compil
     if compile_model:
         model.compile()
     timings = []
+    profiler = StepProfiler(profile_window(steps), profile_dir or Path("profile"), torch.device(device),
+                            enabled=profile_dir is not None)
     for step in range(steps):
+        profiler.before_step(step + 1)  # steps counted from 1, as the trainer counts them
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = loss_fn()
@@ -77,18 +91,19 @@ def synthetic_torch(model_name: str, batch: int, steps: int, device: str, compil
             torch.cuda.synchronize()
         if step >= steps // 3:
             timings.append(time.perf_counter() - start)
+        profiler.after_step(step + 1)
     return batch / statistics.median(timings)
 
 
 def ours(model_name: str, shards: str, batch: int, steps: int, workers: int, cpu_smoke: bool,
-         compile_model: bool, extra_set: list[str] = ()) -> dict:
+         compile_model: bool, extra_set: list[str] = (), profile_dir: Path | None = None) -> dict:
     """Our loop (no Ray) on real shards; figures from the run's metrics.jsonl (after a third of the steps)."""
     # ResNet-50: the reference steps AdamW with CE, so ours does too (resnet50_sgd's data side, no
     # RandAugment/mixup); the a3 recipe's LAMB + BCE is another step.
     config = {"resnet50": "configs/resnet50_sgd.yaml", "clip_b32": "configs/clip_vit_b32.yaml"}[model_name]
     out = tempfile.mkdtemp(prefix="gpu_case_")
     overrides = [
-        f"run.output_dir={out}", "run.name=case", "run.log_every_steps=10", f"data.train={shards}", "data.val=",
+        f"run.output_dir={out}", "run.name=case", f"run.log_every_steps={LOG_EVERY_STEPS}", f"data.train={shards}", "data.val=",
         f"data.batch_size_per_rank={batch}", "data.global_batch_size=null", f"data.num_workers_per_rank={workers}",
         "data.image_size_px=224", f"schedule.max_steps={steps}", "checkpoint.every_steps=0", "eval.at_end=false",
         "ray.num_workers=1", "data.randaugment=null", "data.mixup_alpha=0", "data.cutmix_alpha=0",
@@ -101,6 +116,8 @@ def ours(model_name: str, shards: str, batch: int, steps: int, workers: int, cpu
     if cpu_smoke:
         overrides += ["deepspeed.precision=fp32", "model.name=" + ("resnet_nano" if model_name == "resnet50" else
                                                                      "clip-tiny-rn"), "data.image_size_px=32"]
+    if profile_dir is not None:
+        overrides.append("run.profile_steps=[{},{}]".format(*profile_window(steps)))
     overrides += list(extra_set)
     cmd = [sys.executable, "-m", "launch", "pretrain", "--no-ray", "--config", config]
     for override in overrides:
@@ -109,7 +126,12 @@ def ours(model_name: str, shards: str, batch: int, steps: int, workers: int, cpu
     result = subprocess.run(cmd, capture_output=True, text=True)
     rows = [json.loads(line) for line in (Path(out) / "case" / "metrics.jsonl").read_text().splitlines()] \
         if (Path(out) / "case" / "metrics.jsonl").is_file() else []
-    rows = [r for r in rows if "train/samples_per_second" in r and r["step"] > steps // 3]
+    if profile_dir is not None and (Path(out) / "case" / "profile").is_dir():
+        shutil.copytree(Path(out) / "case" / "profile", profile_dir, dirs_exist_ok=True)
+    # Rows whose window held a profiled step are slower by the profiler's own cost: left out.
+    first, last = profile_window(steps) if profile_dir is not None else (0, -1)
+    rows = [r for r in rows if "train/samples_per_second" in r and r["step"] > steps // 3
+            and not (first <= r["step"] and r["step"] - LOG_EVERY_STEPS < last)]
     if result.returncode != 0 or not rows:
         return {"error": (result.stderr or result.stdout)[-2000:], "rc": result.returncode}
     return {"samples_per_second": statistics.median(r["train/samples_per_second"] for r in rows),
@@ -137,23 +159,30 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], help="extra config override for our cases")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (ours: model.compile)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU: checks the plumbing only")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler over 4 warm steps (pipeline/profiling.py): trace, top operators and "
+                             "host syncs per step under <dir of --out>/profile_<case>/")
     args = parser.parse_args()
     device = "cpu" if args.cpu_smoke else "cuda"
     model_name = args.case.rsplit("_", 1)[0]
     row: dict = {"case": args.case + ("_compiled" if args.compile else ""), "batch": args.batch,
                  "steps": args.steps, "device": device,
                  "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    profile_dir = Path(args.out).resolve().parent / f"profile_{row['case']}" if args.profile else None
     try:
         if args.case.endswith("_torch"):
-            row["samples_per_second"] = synthetic_torch(model_name, args.batch, args.steps, device, args.compile)
+            row["samples_per_second"] = synthetic_torch(model_name, args.batch, args.steps, device, args.compile,
+                                                        profile_dir)
         elif args.case.endswith("_ours"):
             row.update(ours(model_name, args.shards, args.batch, args.steps, args.workers, args.cpu_smoke,
-                            args.compile, args.set))
+                            args.compile, args.set, profile_dir))
             row["overrides"] = args.set
         else:
             row.update(loader(args.shards, args.batch, args.workers, args.steps))
     except Exception as err:  # one failed case must not lose the others' lines
         row["error"] = f"{type(err).__name__}: {err}"
+    if profile_dir is not None and (profile_dir / "summary.json").is_file():
+        row["profile"] = json.loads((profile_dir / "summary.json").read_text())
     if "samples_per_second" in row and model_name in GFLOP_PER_SAMPLE:
         row["mfu"] = row["samples_per_second"] * GFLOP_PER_SAMPLE[model_name] / (PEAK_TFLOPS * 1000)
     with open(args.out, "a") as sink:

@@ -21,7 +21,7 @@ from pipeline.config import Config, ConfigError
 # the old run's step and data position with a new meaning: refused, naming the keys.
 RESUMABLE_KEYS = frozenset({
     "run.output_dir", "run.log_every_steps", "run.inject_failure_at_step", "run.inject_failure_in_checkpoint",
-    "schedule.epochs", "schedule.max_steps",
+    "run.profile_steps", "schedule.epochs", "schedule.max_steps",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every", "checkpoint.preempt_grace_s",
     "eval.every_steps", "eval.at_end", "eval.batch_size_per_rank", "eval.zeroshot",
     "data.val", "data.val_image_size_px", "data.val_crop_pct", "data.num_workers_per_rank",

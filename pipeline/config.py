@@ -44,6 +44,9 @@ class RunSection:
     """Experiment trackers fed by rank 0 with every metrics.jsonl row (pipeline/reporting/trackers.py):
     any of tensorboard, wandb (WANDB_* variables; WANDB_MODE=offline works without a network), mlflow
     (MLFLOW_TRACKING_URI chooses the server). A tracker that cannot start is a one-line warning."""
+    profile_steps: tuple[int, ...] = ()
+    """[first, last]: torch.profiler over these optimizer steps (inclusive) on rank 0, written to
+    <run>/profile/ (Chrome trace, top operators, host syncs per step; pipeline/profiling.py). Empty: off."""
     inject_failure_at_step: Optional[int] = None
     """Fault drill: the last rank exits abruptly (os._exit) at this step, once per run directory."""
     inject_failure_in_checkpoint: bool = False
@@ -503,6 +506,9 @@ def validate(cfg: Config) -> None:
     unknown_trackers = [t for t in cfg.run.trackers if t not in TRACKERS]
     check(not unknown_trackers, "run.trackers", f"unknown tracker {unknown_trackers[0] if unknown_trackers else None!r} (valid: {', '.join(TRACKERS)})")
     check(len(set(cfg.run.trackers)) == len(cfg.run.trackers), "run.trackers", "lists a tracker twice")
+    profile = cfg.run.profile_steps
+    check(not profile or (len(profile) == 2 and 1 <= profile[0] <= profile[1]), "run.profile_steps",
+          f"must be [first, last] with 1 <= first <= last (optimizer steps), got {list(profile)}")
     check(not (cfg.model.compile and cfg.deepspeed.zero_stage == 3), "model.compile",
           "not supported with deepspeed.zero_stage 3 (ZeRO-3 gathers parameters in hooks the compiled graph "
           "would break on): use zero_stage <= 2")

@@ -27,6 +27,7 @@ from pipeline.engine import deepspeed_config, initialize
 from pipeline.metrics import TRAIN, VAL, VAL_EMA, MetricsLogger, prefixed
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.preemption import PREEMPTED_RECORD, Preemption, request_url
+from pipeline.profiling import PROFILE_DIR, StepProfiler
 from pipeline.run_mirror import RunMirror, read_run_json, run_file_exists, shown, write_run_file
 from pipeline.tasks import task_class
 from pipeline.tasks.base import Task, all_reduce_sum
@@ -220,7 +221,10 @@ class _Loop:
             # Relaunching a finished run: nothing to train; report where it stands.
             return {"step": start_step, **self.validate()}
         self.engine.train()
+        profiler = StepProfiler(cfg.run.profile_steps, cfg.run_dir / PROFILE_DIR, self.task.device,
+                                enabled=self.rank == 0)
         for step in range(start_step + 1, plan.total_steps + 1):
+            profiler.before_step(step)
             for micro in range(cfg.deepspeed.gradient_accumulation_steps):
                 window.data_started()
                 item = next(batches)
@@ -235,6 +239,7 @@ class _Loop:
                 window.add(loss.detach(), num_samples)
             if self.ema is not None:
                 self.ema.update(self.engine.module, step=step)
+            profiler.after_step(step)
             if not cfg.run.inject_failure_in_checkpoint:
                 self._maybe_inject_failure(step)
             final = self._after_step(step, window)

@@ -123,6 +123,9 @@ def test_keyword_keys_are_written_as_users_write_them(tmp_path):
     ("contrastive.matryoshka_dims=[8, 8]", "contrastive.matryoshka_dims"),
     ("contrastive.matryoshka_weights=[1.0]", "contrastive.matryoshka_weights"),
     ("eval.async_=true", "eval.async_"),
+    ("run.profile_steps=[5]", "run.profile_steps"),
+    ("run.profile_steps=[4, 2]", "run.profile_steps"),
+    ("run.profile_steps=[0, 2]", "run.profile_steps"),
 ])
 def test_tracker_matryoshka_and_async_mistakes_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

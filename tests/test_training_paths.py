@@ -49,8 +49,10 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 @pytest.fixture(scope="module")
 def reference(digits_root, tmp_path_factory) -> Path:
     """ZeRO-0, 16 samples per step in one micro-batch: its model-states file is the module's state dict."""
+    # Steps 2-3 profiled (run.profile_steps): the profiler observes and must not change a weight (the ZeRO and
+    # accumulation runs compared with this one are not profiled).
     return train(tmp_path_factory.mktemp("reference"), digits_root, "reference", "data.batch_size_per_rank=16",
-                 "deepspeed.zero_stage=0", "deepspeed.gradient_accumulation_steps=1")
+                 "deepspeed.zero_stage=0", "deepspeed.gradient_accumulation_steps=1", "run.profile_steps=[2,3]")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,18 @@ def test_no_ray_run_writes_a_complete_checkpoint_and_its_record(reference, refer
     fresh = timm.create_model("test_convnext", num_classes=10).state_dict()
     assert sorted(reference_weights) == sorted(fresh)
     assert any(not torch.equal(reference_weights[k], fresh[k].float()) for k in fresh)
+
+
+def test_profile_steps_write_a_trace_top_operators_and_a_summary(reference):
+    profile = reference / "profile"
+    summary = json.loads((profile / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0 and summary["host_cpu_ms_per_step"] > 0
+    assert summary["host_syncs_per_step"] == 0  # no device here: nothing to wait for
+    ops = (profile / "top_ops.txt").read_text()
+    assert "by self CPU time, 2 steps" in ops and "aten::convolution_backward" in ops
+    trace = json.loads((profile / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "aten::convolution_backward" in names  # the step's backward is inside the window
 
 
 def test_gradient_accumulation_of_two_equals_one_batch_twice_the_size(reference, reference_weights,
