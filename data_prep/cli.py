@@ -378,10 +378,38 @@ def _stage_bucket_output(args: argparse.Namespace):
     return bucket
 
 
+class _NoPandas:
+    """An import hook that answers `import pandas` with ImportError (see _pyarrow_without_pandas)."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "pandas":
+            raise ImportError("pandas: data-prep hands pyarrow no pandas objects")
+
+
+def _pyarrow_without_pandas() -> None:
+    """pyarrow imports pandas on its first array built from Python objects (reading a table, a stats
+    file), only to ask whether those objects are pandas'; data-prep's never are, and the import costs
+    ~0.3 CPU-s before any work (5% of a 2,000-row job, benchmarks/RESULTS.md issue 16). pyarrow asks once
+    per process and remembers the answer (forked workers inherit it); pandas itself stays importable, and
+    Table.to_pandas still works. For the command only: a caller's process may hand pyarrow pandas objects."""
+    if "pandas" in sys.modules:
+        return
+    hook = _NoPandas()
+    sys.meta_path.insert(0, hook)
+    try:
+        import pyarrow as pa
+
+        pa.array([0])  # the first such array: pyarrow looks for pandas here
+    finally:
+        sys.meta_path.remove(hook)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Before anything imports Ray: an embedded single-machine Ray stays on 127.0.0.1.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command line, not a caller in its own process; after --help has exited
+        _pyarrow_without_pandas()
     try:
         bucket = _stage_bucket_output(args)
         if getattr(args, "output", None) is not None:
