@@ -2,7 +2,7 @@
 # GPU measurements (issues 8 and 15): one call on the lent H100/H200 machine, then read $OUT/gpu.jsonl.
 #   run(command="bash benchmarks/gpu.sh .whl", carry=[".whl"], timeout_s=590) -- see the device README.
 # The GPU machine has torch/torchvision/timm/numpy/pyarrow but no deepspeed, ray, webdataset or open_clip
-# and no package index: bring wheels (~7 MB) into .whl/ (ignored through .git/info/exclude):
+# and no package index: `bash benchmarks/fetch_gpu_wheels.sh` brings wheels (~7 MB) into .whl/, i.e.:
 #   pip download --no-deps -d .whl webdataset==1.0.2 braceexpand open_clip_torch==3.3.0 ftfy wcwidth hjson \
 #       annotated_types typing_inspection 'typing_extensions>=4.16' && \
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
