@@ -342,6 +342,27 @@ def test_result_records_provenance(tmp_path, clip_weights):
     assert result["model"] == name and result["checkpoint_step"] is None
 
 
+def test_cpu_forward_leaves_the_workers_their_cores(tmp_path, clip_weights, monkeypatch):
+    """On the CPU the forward runs on the cores the loader workers leave (its OpenMP threads would spin on
+    theirs), and the previous thread count comes back afterwards."""
+    from pipeline.evaluation import runtime, tasks
+
+    name, weights = clip_weights
+    data = tmp_path / "toy"
+    write_shards(data / "test", labelled_samples(random_images(4, seed=1), [0, 1, 0, 1]), per_shard=4)
+    (data / "classnames.txt").write_text("a\nb\n")
+    seen = []
+    inner = tasks.evaluate_zero_shot
+    monkeypatch.setattr(tasks, "evaluate_zero_shot", lambda *a, **k: (seen.append(torch.get_num_threads()),
+                                                                      inner(*a, **k))[1])
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: before + 3)  # so the count differs from torch's own
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    evaluate("zeroshot", resolve(str(weights), name), data, dataclasses.replace(OPTIONS, num_workers=1))
+    assert seen == [before + 2] and torch.get_num_threads() == before
+    assert runtime.forward_threads(num_workers=4, cpus=2) == 1
+
+
 def test_task_needs_the_right_model_kind(tmp_path):
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
     torch.save(model.state_dict(), tmp_path / "r.pth")

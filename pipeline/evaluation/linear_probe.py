@@ -11,14 +11,10 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from pipeline import families
@@ -26,6 +22,12 @@ from pipeline.data.stream import StreamBatch
 from pipeline.evaluation.metrics import classification_metrics
 from pipeline.evaluation.runtime import SkipTally
 from pipeline.precision import autocast
+
+if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
+
+# scikit-learn is imported where a probe is fitted: every `launch eval` imports this module (probe_method
+# checks --method), and the import costs ~1 s of CPU that zero-shot and retrieval never use.
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 4, 8))
 
@@ -58,6 +60,9 @@ def extract_features(
 
 
 def _fit(probe: LogisticRegression, features: np.ndarray, labels: np.ndarray, c: float) -> LogisticRegression:
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
     # One BLAS thread: these L-BFGS steps are small matrix products, and on a busy machine BLAS worker
     # threads spin against other processes (measured: 10x slower on 2 loaded cores with 2 threads).
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
@@ -83,6 +88,8 @@ def _logits(probe: LogisticRegression, features: np.ndarray, num_classes: int) -
 
 
 def _holdout_split(labels: np.ndarray, val_fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
     indices = np.arange(len(labels))
     _, counts = np.unique(labels, return_counts=True)
     # Stratify when every class can give one sample to each side; tiny sets fall back to random.
@@ -100,6 +107,8 @@ def fit_and_score(
     seed: int = 0,
 ) -> dict:
     """Sweep C on a held-out split of the training features, refit on all of them, score on test."""
+    from sklearn.linear_model import LogisticRegression
+
     if len(np.unique(train_labels)) < 2:
         raise ValueError("linear probe: the training split has fewer than two classes")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1

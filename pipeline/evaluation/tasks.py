@@ -23,7 +23,8 @@ from pipeline.evaluation.linear_probe import evaluate_linear_probe
 from pipeline.evaluation.metrics import json_safe
 from pipeline.evaluation.resolver import ResolvedModel
 from pipeline.evaluation.retrieval import evaluate_retrieval
-from pipeline.evaluation.runtime import default_device
+from pipeline.evaluation.runtime import cpu_forward_threads, default_device
+from pipeline.evaluation.uint8_input import normalised_batches, split_uint8
 from pipeline.evaluation.zero_shot import DEFAULT_CLASSNAMES, DEFAULT_TEMPLATES, evaluate_zero_shot
 from pipeline.sample_counts import sample_shortfall
 
@@ -55,10 +56,19 @@ def _device(options: EvalOptions) -> torch.device:
     return torch.device(options.device) if options.device else default_device()
 
 
+def _read(read_batches: Callable, shards: list, resolved: ResolvedModel, options: EvalOptions):
+    """read_batches(shards, transform, batch size, workers) with the model's transform split at its ToTensor
+    where it can be (pipeline.evaluation.uint8_input): uint8 through the loader, normalised on the device,
+    bit-identical inputs to the model."""
+    uint8 = split_uint8(resolved.preprocess)
+    transform = uint8.to_uint8 if uint8 else resolved.preprocess
+    batches = read_batches(shards, transform, options.batch_size, options.num_workers)
+    return normalised_batches(batches, uint8, _device(options)) if uint8 else batches
+
+
 def _labelled(data_dir: Path, split: str, resolved: ResolvedModel, options: EvalOptions,
               labels: LabelMap = LabelMap()):
-    batches = labelled_batches(datasets.split_shards(data_dir, split), resolved.preprocess, options.batch_size,
-                               options.num_workers)
+    batches = _read(labelled_batches, datasets.split_shards(data_dir, split), resolved, options)
     if labels.targets is None:
         return batches
     return (replace(item, batch=replace(item.batch, labels=labels.apply(item.batch.labels)))
@@ -98,8 +108,7 @@ def run_zeroshot(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) 
 
 
 def run_retrieval(resolved: ResolvedModel, data_dir: Path, options: EvalOptions) -> dict:
-    batches = captioned_batches(datasets.split_shards(data_dir, options.split), resolved.preprocess,
-                                options.batch_size, options.num_workers)
+    batches = _read(captioned_batches, datasets.split_shards(data_dir, options.split), resolved, options)
     return evaluate_retrieval(resolved.model.to(_device(options)), resolved.tokenizer, batches, _device(options),
                               total=datasets.listed_num_samples(data_dir, options.split), amp=options.amp,
                               embed_dim=options.embed_dim)
@@ -166,7 +175,8 @@ def evaluate(task: str, resolved: ResolvedModel, data_dir: Path, options: EvalOp
                          f"but {resolved.model_name} is a {resolved.kind}")
     check_embed_dim(task, resolved, options.embed_dim)
     data_dir = Path(data_dir)
-    metrics = EVAL_TASKS[task].run(resolved, data_dir, options)
+    with cpu_forward_threads(_device(options), options.num_workers):
+        metrics = EVAL_TASKS[task].run(resolved, data_dir, options)
     warnings = _count_warnings(task, data_dir, options.split, metrics)
     if warnings and options.strict:
         raise ValueError(f"{warnings[0]} (--strict)")

@@ -99,6 +99,8 @@ def evaluate_zero_shot(
     embed_dim: int | None = None,
 ) -> dict:
     """acc1, acc5, mean_per_class_recall plus sample counts and the embedding width scored (embed_dim)."""
+    # Start the loader first: its workers decode the first batches while the text tower builds the head.
+    batches = iter(batches)
     classifier = build_zeroshot_head(model, tokenizer, classnames, templates, device, amp=amp, embed_dim=embed_dim)
     tally = SkipTally()
     logits, targets = predict(model, classifier, batches, device, tally, total, amp)

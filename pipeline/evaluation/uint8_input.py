@@ -1,0 +1,74 @@
+"""Evaluation batches as uint8 pixels, normalised where the model runs (pipeline.data.fast_image does the
+same for training).
+
+A model's eval transform (open_clip's: Resize, CenterCrop, convert to RGB, ToTensor, Normalize; timm's:
+Resize, CenterCrop, ToTensor, Normalize) is split at its ToTensor: the loader workers run the PIL steps and
+hand over uint8 CHW tensors (a quarter of float32's bytes through the DataLoader's shared memory, no
+per-sample float conversion); `normalise` then does ToTensor's `/ 255` and Normalize's `- mean` and
+`/ std` on the whole batch, on the device. The same float32 operations in the same order as torchvision's
+per-sample ToTensor + Normalize, so the model sees bit-identical inputs and scores are unchanged
+(tests/test_evaluation_uint8.py). A transform of any other shape keeps the plain per-sample path.
+
+Not done here, because they change pixels and so can change predictions: reduced-size JPEG decode
+(libjpeg DCT scaling) and channels_last model inputs (other convolution kernels: logits differ by ~1e-6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from pipeline.data.stream import StreamBatch
+
+
+class PilToUint8:
+    """Picklable (DataLoader workers may be spawned): PIL image -> the PIL steps -> uint8 (3, H, W)."""
+
+    def __init__(self, pil_steps: Callable[[Image.Image], Image.Image]):
+        self.pil_steps = pil_steps
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = self.pil_steps(image)
+        if image.mode != "RGB":  # ToTensor's channel count follows the mode: only RGB is split off
+            raise ValueError(f"uint8 evaluation input expects RGB after the PIL steps, got mode {image.mode}")
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class Uint8Input:
+    to_uint8: PilToUint8
+    """What the loader workers run in place of the full transform."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def normalise(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float32 as ToTensor + Normalize would give, on `device`."""
+        images = images.to(device, non_blocking=True)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        return images.float().div(255).sub(mean).div(std)
+
+
+def split_uint8(transform: Callable) -> Uint8Input | None:
+    """The uint8 split of a Compose ending in ToTensor (or a subclass: open_clip's and timm's MaybeToTensor)
+    + Normalize with PIL steps before it; None for any other transform."""
+    steps = list(getattr(transform, "transforms", None) or []) if isinstance(transform, T.Compose) else []
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or type(steps[-1]) is not T.Normalize:
+        return None
+    if any(isinstance(step, (T.ToTensor, T.Normalize, T.PILToTensor)) for step in steps[:-2]):
+        return None
+    normalize = steps[-1]
+    mean, std = tuple(float(m) for m in normalize.mean), tuple(float(s) for s in normalize.std)
+    return Uint8Input(PilToUint8(T.Compose(steps[:-2])), mean, std)
+
+
+def normalised_batches(batches: Iterable[StreamBatch], uint8: Uint8Input,
+                       device: torch.device) -> Iterator[StreamBatch]:
+    """The stream with each batch's uint8 images normalised on `device`. Iterating the loader starts here
+    (a generator expression takes iter() of its source at once): workers decode while the caller sets up."""
+    return (replace(item, batch=replace(item.batch, images=uint8.normalise(item.batch.images, device)))
+            if item.batch is not None else item for item in batches)

@@ -1,0 +1,96 @@
+"""Evaluation's uint8 input path (pipeline/evaluation/uint8_input.py) and the CPU speed changes around it
+give the model bit-identical inputs, logits and metrics: scores are unchanged to the last digit."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import open_clip
+import pytest
+import timm
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from timm.data import create_transform, resolve_data_config
+from torchvision import transforms as T
+
+from pipeline.evaluation import tasks
+from pipeline.evaluation.metrics import balanced_accuracy
+from pipeline.evaluation.resolver import resolve
+from pipeline.evaluation.tasks import EvalOptions, evaluate
+from pipeline.evaluation.uint8_input import split_uint8
+from test_evaluation_helpers import labelled_samples, random_images, register_tiny_clip, tiny_clip, write_shards
+
+CPU = torch.device("cpu")
+
+
+def _images(num: int) -> list:
+    # Odd sizes and aspect ratios, so Resize and CenterCrop both do real work.
+    return [img.resize((37 + 11 * i, 29 + 7 * (i % 5))) for i, img in enumerate(random_images(num, seed=4))]
+
+
+def _both_ways(transform, images) -> tuple[torch.Tensor, torch.Tensor]:
+    split = split_uint8(transform)
+    assert split is not None
+    plain = torch.stack([transform(img) for img in images])
+    uint8 = torch.stack([split.to_uint8(img) for img in images])
+    assert uint8.dtype == torch.uint8
+    return plain, split.normalise(uint8, CPU)
+
+
+def test_open_clip_preprocess_split_gives_identical_inputs(tmp_path):
+    name = register_tiny_clip(tmp_path)
+    _, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    plain, fast = _both_ways(preprocess, _images(12))
+    assert torch.equal(plain, fast)
+
+
+def test_timm_eval_transform_split_gives_identical_inputs():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    plain, fast = _both_ways(create_transform(**resolve_data_config({}, model=model)), _images(6))
+    assert torch.equal(plain, fast)
+
+
+@pytest.mark.parametrize("transform", [
+    T.Compose([T.Resize(8), T.ToTensor()]),                                     # no Normalize
+    T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), T.Lambda(lambda x: x * 2)]),  # float step after
+    T.Compose([T.Resize(8), T.ToTensor(), T.Lambda(lambda x: x), T.Normalize((0.5,) * 3, (0.5,) * 3)]),
+    lambda img: img,                                                             # not a Compose
+])
+def test_other_transforms_keep_the_plain_path(transform):
+    assert split_uint8(transform) is None
+
+
+def test_zero_shot_logits_identical_with_and_without_the_uint8_path(tmp_path, monkeypatch):
+    name = register_tiny_clip(tmp_path / "configs")
+    weights = tmp_path / "tiny.pt"
+    torch.save(tiny_clip(seed=2).state_dict(), weights)
+    data = tmp_path / "toy"
+    write_shards(data / "test", labelled_samples(_images(20), [i % 4 for i in range(20)]), per_shard=7)
+    (data / "classnames.txt").write_text("apple\nboat\ncat\ndog\n")
+    logits = []
+    inner = tasks.evaluate_zero_shot
+
+    def recording(*args, **kwargs):
+        from pipeline.evaluation import zero_shot
+        keep = zero_shot.classification_metrics
+        monkeypatch.setattr(zero_shot, "classification_metrics", lambda lg, tg: (logits.append(lg), keep(lg, tg))[1])
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "evaluate_zero_shot", recording)
+    options = EvalOptions(batch_size=8, num_workers=1, device="cpu")
+    fast = evaluate("zeroshot", resolve(str(weights), name), data, options)
+    monkeypatch.setattr(tasks, "split_uint8", lambda transform: None)
+    plain = evaluate("zeroshot", resolve(str(weights), name), data, options)
+    assert torch.equal(logits[0], logits[1])
+    assert fast["metrics"] == plain["metrics"]
+
+
+def test_balanced_accuracy_is_sklearns_to_the_bit():
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn: "y_pred contains classes not in y_true"
+        for _ in range(200):
+            n, k = int(rng.integers(1, 500)), int(rng.integers(1, 60))
+            targets = rng.integers(0, k, n)
+            predictions = np.where(rng.random(n) < rng.random(), targets, rng.integers(0, k + 3, n))
+            assert balanced_accuracy(targets, predictions) == float(balanced_accuracy_score(targets, predictions))
