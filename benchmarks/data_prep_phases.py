@@ -7,6 +7,7 @@
 timed here: their CPU is the process tree's total minus the driver's (printed last)."""
 from __future__ import annotations
 
+import atexit
 import sys
 import time
 from typing import Callable
@@ -41,13 +42,15 @@ def main(argv: list[str]) -> int:
     for name in ("write_report", "collect", "report_blocks"):
         timed(report, name)
     sys.argv = ["data-prep", *argv]
-    code = cli.main()  # no argv: what the `data-prep` command runs (cli._pyarrow_without_pandas)
+    atexit.register(report_phases)  # main() without argv ends the process itself (cli._exit_without_teardown)
+    return cli.main()  # no argv: what the `data-prep` command runs
+
+
+def report_phases() -> None:
     PHASES.append(("whole command", time.perf_counter() - START_WALL_S, time.thread_time() - START_CPU_S))
     for name, wall, cpu in PHASES:
         print(f"{name:34s} wall {wall:6.3f} s  cpu {cpu:6.3f} s", file=sys.stderr)
     print(f"driver process CPU, all threads: {time.process_time():.3f} s", file=sys.stderr)
-    return code
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
