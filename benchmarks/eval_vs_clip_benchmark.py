@@ -198,9 +198,9 @@ def _loadavg() -> str:
 def print_table(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
     keys = ("wall_seconds", "cpu_seconds", "eval_seconds")
     med = {name: {k: statistics.median(r[k] for r in rows) for k in keys} for name, rows in runs.items()}
-    loads = [r["loadavg"].split()[0] for rows in runs.values() for r in rows]
+    loads = sorted(float(r["loadavg"].split()[0]) for rows in runs.values() for r in rows)
     print(f"\n{args.samples} images, {args.weights} weights, batch {args.batch_size}, {args.workers} workers, "
-          f"CPU fp32, median of {args.reps} interleaved reps, 1-min load {min(loads)}-{max(loads)}\n")
+          f"CPU fp32, median of {args.reps} interleaved reps, 1-min load {loads[0]:.1f}-{loads[-1]:.1f}\n")
     print("| tool | whole command wall s | CPU s (command + its children) | eval span s | images/s (eval span) "
           "| acc1 | acc5 | mean per-class recall |")
     print("|---|---|---|---|---|---|---|---|")
