@@ -59,20 +59,111 @@ def _split_name(name: str) -> tuple[str | None, str | None]:
 def index_members(tar: tarfile.TarFile) -> Index:
     samples: Index = []
     for member in tar:
-        if not member.isfile() or os.path.basename(member.name).startswith("__"):
-            continue
-        key, ext = _split_name(member.name)
-        if key is None:
-            continue
-        if not samples or samples[-1][0] != key:
-            samples.append((key, []))
-        samples[-1][1].append((ext.lower(), member.offset_data, member.size))
+        if member.isfile():
+            _add_member(samples, member.name, member.offset_data, member.size)
     return samples
 
 
+def _add_member(samples: Index, name: str, data_offset: int, size: int) -> None:
+    """A regular file's member into its sample (webdataset's grouping: consecutive members of one key)."""
+    if os.path.basename(name).startswith("__"):
+        return
+    key, ext = _split_name(name)
+    if key is None:
+        return
+    if not samples or samples[-1][0] != key:
+        samples.append((key, []))
+    samples[-1][1].append((ext.lower(), data_offset, size))
+
+
 def index_local(path: str | Path) -> Index:
+    """Headers only, seeking over member data. Plain ustar/GNU headers (what webdataset, data-prep and
+    img2dataset write) are parsed here; anything else (long names, pax records, links, sparse files, a bad
+    checksum) is left to tarfile, which gives the same index more slowly (~25 us per member in tarfile's
+    header objects against ~3 us here: 12% of an eval worker's CPU on foreign 224 px shards)."""
+    index = _scan_plain_headers(path)
+    if index is not None:
+        return index
     with tarfile.open(path, "r:") as tar:  # 'r:' seeks over member data: headers only
         return index_members(tar)
+
+
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular files (b"7": contiguous), as tarfile's isfile() counts them
+_SKIPPED_TYPES = (b"5",)  # directories: no data, not samples
+
+
+def _pax_overrides(record: bytes) -> dict[str, str] | None:
+    """A pax extended header's path and size ("LEN key=value\\n" records), or None when it holds a key that
+    changes more than those (sparse files, a binary charset: tarfile's job)."""
+    overrides: dict[str, str] = {}
+    position = 0
+    while position < len(record) and record[position] != 0:
+        length_text, _, _ = record[position:position + 20].partition(b" ")
+        try:
+            length = int(length_text)
+        except ValueError:
+            return None
+        key, equals, value = record[position + len(length_text) + 1:position + length - 1].partition(b"=")
+        if not equals or length <= 0 or key.startswith(b"GNU.sparse") or key == b"hdrcharset":
+            return None
+        if key in (b"path", b"size"):
+            overrides[key.decode()] = value.decode("utf-8", "surrogateescape")
+        position += length
+    return overrides
+
+
+def _scan_plain_headers(path: str | Path) -> Index | None:
+    """index_members' result from the raw headers, or None where a header needs tarfile's handling."""
+    samples: Index = []
+    pax: dict[str, str] = {}  # the pax record that applies to the next member
+    with open(path, "rb") as handle:
+        offset = 0
+        while True:
+            handle.seek(offset)
+            header = handle.read(_BLOCK)
+            if len(header) < _BLOCK:
+                return None  # an empty or cut file, or no end-of-archive blocks: tarfile says which
+            if header.count(0) == _BLOCK:
+                return samples if not pax else None  # the end-of-archive block
+            kind = header[156:157]
+            size_field = header[124:136]
+            if kind not in _FILE_TYPES + _SKIPPED_TYPES + (b"x",) or size_field[0] & 0x80:
+                return None  # GNU long-name records, global pax records, links, base-256 sizes: tarfile's job
+            # The checksum counts its own field as spaces (POSIX); tarfile checks it, and so must we.
+            try:
+                stored = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
+                size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                return None
+            if stored != sum(header[:148]) + 256 + sum(header[156:]):
+                return None
+            data_offset = offset + _BLOCK
+            if kind == b"x":  # webdataset's members carry one (a float mtime): path and size may change
+                if pax:
+                    return None
+                handle.seek(data_offset)
+                overrides = _pax_overrides(handle.read(size))
+                if overrides is None:
+                    return None
+                pax = overrides or {"": ""}  # a record without path or size still belongs to the next header
+                offset = data_offset + -(-size // _BLOCK) * _BLOCK
+                continue
+            name = header[:100].split(b"\0", 1)[0]
+            if header[345] != 0:  # a ustar name prefix (tarfile joins it for any header magic)
+                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+            text = name.decode("utf-8", "surrogateescape")
+            if pax:
+                text = pax.get("path", text)
+                try:
+                    size = int(pax.get("size", size))
+                except ValueError:
+                    return None
+                pax = {}
+            offset = data_offset + -(-size // _BLOCK) * _BLOCK
+            if kind in _SKIPPED_TYPES or (kind == b"\0" and text.endswith("/")):  # V7 directories too
+                continue
+            _add_member(samples, text, data_offset, size)
 
 
 def index_stream(handle: IO[bytes]) -> Index:

@@ -1,0 +1,94 @@
+"""A local shard's member index: the raw-header scan (pipeline/data/tar_index.py) gives exactly what tarfile
+gives, for the tars that writers produce, and hands the rest to tarfile."""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import tar_index
+
+
+def tarfile_index(path: Path) -> tar_index.Index:
+    with tarfile.open(path, "r:") as tar:
+        return tar_index.index_members(tar)
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = (len(data) if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0), kind
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "elsewhere"
+    tar.addfile(info, io.BytesIO(data) if info.size else None)
+
+
+def write(path: Path, members: list[tuple], tar_format: int = tarfile.USTAR_FORMAT) -> Path:
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for member in members:
+            add(tar, *member)
+    return path
+
+
+SAMPLES = [("a/000.jpg", b"x" * 700), ("a/000.cls", b"3"), ("a/000.json", b"{}"), ("__meta__.json", b"{}"),
+           ("a/001.JPG", b"y" * 1024), ("a/001.txt", b"a caption"), ("noext", b"z"), ("a/002.tar.gz", b"")]
+
+
+@pytest.mark.parametrize("tar_format, long_name", [
+    (tarfile.USTAR_FORMAT, "d" * 120 + "/003.jpg"),  # split into the ustar prefix and name fields
+    (tarfile.GNU_FORMAT, "d/003.jpg"),
+    (tarfile.PAX_FORMAT, "\u00e9" * 60 + "/003.jpg"),  # a pax record with the path (non-ASCII, > 100 bytes)
+])
+def test_plain_headers_are_read_as_tarfile_reads_them(tmp_path, tar_format, long_name):
+    members = SAMPLES + [("dir/", b"", tarfile.DIRTYPE), (long_name, b"w" * 10)]
+    path = write(tmp_path / "s.tar", members, tar_format)
+    scanned = tar_index._scan_plain_headers(path)
+    assert scanned is not None and scanned == tarfile_index(path)
+    assert [key for key, _ in scanned] == ["a/000", "a/001", "a/002", long_name[:-4]]
+    # Headers at 0, 1536 and 2560; data one block after each (700 bytes take two blocks).
+    if tar_format != tarfile.PAX_FORMAT:
+        assert scanned[0][1] == [("jpg", 512, 700), ("cls", 2048, 1), ("json", 3072, 2)]
+    assert tar_index.index_local(path) == scanned
+
+
+def test_webdataset_and_data_prep_shards_take_the_fast_path(tmp_path):
+    import webdataset as wds
+
+    path = tmp_path / "wds.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for index in range(20):
+            sink.write({"__key__": f"s{index:05d}", "jpg": bytes(range(index + 1)), "cls": str(index % 3)})
+    scanned = tar_index._scan_plain_headers(path)
+    assert scanned is not None and len(scanned) == 20 and scanned == tarfile_index(path)
+    assert b"mtime=" in path.read_bytes()  # webdataset's members carry pax records: they are parsed here
+
+
+@pytest.mark.parametrize("case", ["long_name_gnu", "pax_sparse", "symlink", "bad_checksum", "empty", "no_end"])
+def test_other_headers_are_left_to_tarfile(tmp_path, case):
+    path = tmp_path / "s.tar"
+    if case == "long_name_gnu":
+        write(path, SAMPLES + [("e" * 150 + ".jpg", b"1")], tarfile.GNU_FORMAT)  # a GNU 'L' record
+    elif case == "pax_sparse":  # a pax record with a key that changes more than the path or size
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo("g/000.jpg")
+            info.size, info.pax_headers = 1, {"GNU.sparse.name": "g/000.jpg"}
+            tar.addfile(info, io.BytesIO(b"1"))
+    elif case == "symlink":
+        write(path, SAMPLES + [("a/009.jpg", b"", tarfile.SYMTYPE)])
+    elif case == "bad_checksum":
+        write(path, SAMPLES)
+        raw = bytearray(path.read_bytes())
+        raw[512 * 3] ^= 0x01  # a name byte of the second member's header
+        path.write_bytes(bytes(raw))
+    elif case == "empty":
+        path.write_bytes(b"")
+    else:  # members but no end-of-archive blocks
+        write(path, SAMPLES)
+        path.write_bytes(path.read_bytes()[:512 * 17])  # 8 headers + 9 data blocks
+    assert tar_index._scan_plain_headers(path) is None
+    if case == "empty":
+        with pytest.raises(tarfile.ReadError):
+            tar_index.index_local(path)
+    else:  # tarfile's answer, whatever it is (a bad checksum ends tarfile's reading there)
+        assert tar_index.index_local(path) == tarfile_index(path)
