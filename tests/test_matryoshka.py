@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -115,8 +116,12 @@ def _train(out: Path, digits: Path, name: str, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(digits_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("matryoshka")
-    return {"matryoshka": _train(out, digits_root, "matryoshka", f"contrastive.matryoshka_dims={list(WIDTHS)}"),
-            "plain": _train(out, digits_root, "plain")}
+    # The two runs go side by side (as test_soup's fine-tunes): each is one core's worth, most of it start-up.
+    with ThreadPoolExecutor(2) as pool:
+        runs = {"matryoshka": pool.submit(_train, out, digits_root, "matryoshka",
+                                          f"contrastive.matryoshka_dims={list(WIDTHS)}"),
+                "plain": pool.submit(_train, out, digits_root, "plain")}
+        return {name: run.result() for name, run in runs.items()}
 
 
 def _zero_shot(run_dir: Path, digits: Path, widths) -> dict:
