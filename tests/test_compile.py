@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "configs" / "smoke_resnet.yaml")
 
 
-def pretrain_no_ray(out: Path, digits_root: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+def pretrain_no_ray(out: Path, digits_root: Path, name: str, *extra: str,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`launch pretrain --no-ray` in a subprocess, with this process's environment unless `env` is given."""
     overrides = [
         f"run.output_dir={out}", f"run.name={name}", "run.log_every_steps=1",
         f"data.train={digits_root}/labelled/train", f"data.val={digits_root}/labelled/val",
@@ -29,7 +31,7 @@ def pretrain_no_ray(out: Path, digits_root: Path, name: str, *extra: str) -> sub
     cmd = [sys.executable, "-m", "launch", "pretrain", "--no-ray", "--config", SMOKE]
     for override in overrides:
         cmd += ["--set", override]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**(os.environ if env is None else env), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
 
 

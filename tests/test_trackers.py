@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server on 127.0.0.1 (SQLite store, artifacts proxied into a folder)."""
+def unreachable_run(digits_root, tmp_path_factory):
+    """A run whose MLflow URI has nothing listening: started in the background, awaited by its test.
+
+    Yields (the closed port, the run folder, the future of the finished subprocess)."""
+    closed = free_port()  # nothing listens there
+    out = tmp_path_factory.mktemp("unreachable")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed}"}
+    with ThreadPoolExecutor(1) as pool:
+        yield closed, out / "unreachable", pool.submit(
+            pretrain_no_ray, out, digits_root, "unreachable", "run.trackers=[tensorboard, mlflow]",
+            "schedule.max_steps=1", env=env)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(unreachable_run, tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite store, artifacts proxied into a folder).
+
+    It asks for unreachable_run only to start it first: that run (one core's worth, mostly start-up) trains
+    while this server starts, instead of after the tracked runs."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     log = open(root / "server.log", "w")
@@ -296,14 +314,12 @@ def test_a_resumed_run_continues_the_same_tracked_runs(first_run, tracker_env, m
 
 
 @pytest.mark.integration
-def test_an_unreachable_tracking_server_is_one_warning_and_the_run_finishes(digits_root, tmp_path, monkeypatch):
-    closed = free_port()  # nothing listens there
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed}")
-    result = pretrain_no_ray(tmp_path, digits_root, "unreachable", "run.trackers=[tensorboard, mlflow]",
-                             "schedule.max_steps=1")
+def test_an_unreachable_tracking_server_is_one_warning_and_the_run_finishes(unreachable_run):
+    closed, run_dir, running = unreachable_run
+    result = running.result()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     warnings = [line for line in result.stdout.splitlines() if "warning" in line]
     assert warnings == [f"[pretrain] warning: tracker mlflow unavailable: ConnectionError: cannot connect to "
                         f"127.0.0.1:{closed} ([Errno 111] Connection refused)"], result.stdout
-    assert json.loads((tmp_path / "unreachable" / "final_metrics.json").read_text())["step"] == 1
-    assert not (tmp_path / "unreachable" / TRACKERS_RECORD).exists()
+    assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 1
+    assert not (run_dir / TRACKERS_RECORD).exists()
