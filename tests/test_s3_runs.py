@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -153,13 +154,16 @@ def resumed_run(bucket, digits_root, tmp_path_factory):
     """A bucket run killed inside its step-16 checkpoint (fault drill), relaunched on a 'fresh machine' (empty
     staging), next to the same run uninterrupted on local disk."""
     tmp = tmp_path_factory.mktemp("s3_resume")
-    whole = launch(tiny(str(tmp / "local"), digits_root, "whole", ray=False), tmp / "cache_whole")
-    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
-
     out = f"{bucket}/runs"
-    killed = launch(tiny(out, digits_root, "tiny", ray=False, **{"run.inject_failure_at_step": 16,
-                                                                 "run.inject_failure_in_checkpoint": True}),
-                    tmp / "cache_a")
+    # The local reference run trains beside the killed one (independent runs, one core's worth each, mostly
+    # start-up); the kill is the fault drill's, at a step, not a timer.
+    with ThreadPoolExecutor(1) as pool:
+        whole_run = pool.submit(launch, tiny(str(tmp / "local"), digits_root, "whole", ray=False), tmp / "cache_whole")
+        killed = launch(tiny(out, digits_root, "tiny", ray=False, **{"run.inject_failure_at_step": 16,
+                                                                     "run.inject_failure_in_checkpoint": True}),
+                        tmp / "cache_a")
+        whole = whole_run.result()
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
     after_kill = (killed.returncode, complete_steps(f"{out}/tiny"), sorted(objects(f"{out}/tiny/checkpoints")))
     # A checkpoint whose upload a kill interrupted: shards in the bucket, no meta.json.
     storage.write_bytes(f"{out}/tiny/checkpoints/step_00000012/{checkpoint.MODEL_STATES_FILE}", b"cut short")
