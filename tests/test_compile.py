@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,24 +42,34 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def eager_losses(digits_root, tmp_path_factory):
+def eager_and_compiled(digits_root, tmp_path_factory) -> tuple[dict[int, float], Path]:
+    """The eager run's losses and the compiled run's folder: the two train side by side (independent runs;
+    the eager one is mostly start-up, one core's worth, while inductor compiles)."""
     out = tmp_path_factory.mktemp("eager")
-    result = pretrain_no_ray(out, digits_root, "eager")
+    with ThreadPoolExecutor(1) as pool:
+        eager = pool.submit(pretrain_no_ray, out, digits_root, "eager")
+        compiled = pretrain_no_ray(out, digits_root, "compiled", "model.compile=true")
+        result = eager.result()
     assert result.returncode == 0, result.stderr[-3000:]
-    return losses(out / "eager")
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    return losses(out / "eager"), out / "compiled"
 
 
-def test_compiled_steps_match_eager(eager_losses, digits_root, tmp_path):
-    result = pretrain_no_ray(tmp_path, digits_root, "compiled", "model.compile=true")
-    assert result.returncode == 0, result.stderr[-3000:]
-    compiled = losses(tmp_path / "compiled")
+@pytest.fixture(scope="module")
+def eager_losses(eager_and_compiled) -> dict[int, float]:
+    return eager_and_compiled[0]
+
+
+def test_compiled_steps_match_eager(eager_and_compiled):
+    eager_losses, compiled_dir = eager_and_compiled
+    compiled = losses(compiled_dir)
     assert sorted(compiled) == sorted(eager_losses) == [1, 2, 3, 4, 5, 6]
     for step, loss in eager_losses.items():
         assert compiled[step] == pytest.approx(loss, rel=1e-3, abs=1e-4), (step, compiled, eager_losses)
     # Checkpoint keys stay plain (nn.Module.compile in place): no '_orig_mod.' prefix for eval/export.
     import torch
 
-    states = torch.load(next((tmp_path / "compiled").rglob("mp_rank_00_model_states.pt")), weights_only=False)
+    states = torch.load(next(compiled_dir.rglob("mp_rank_00_model_states.pt")), weights_only=False)
     assert not any("_orig_mod" in key for key in states["module"])
 
 
