@@ -10,6 +10,6 @@ fi
 mkdir -p "$(dirname "$VENV")"
 python3 -m venv "$VENV"
 # This venv only: the machine-wide pip constraints (torch caps for the project) do not apply to it.
-PIP_CONSTRAINT= "$VENV/bin/python" -m pip install -q img2dataset
+PIP_CONSTRAINT= "$VENV/bin/python" -m pip install -q img2dataset==1.47.0  # pinned: figures across days compare (2026-12-02)
 NO_ALBUMENTATIONS_UPDATE=1 "$VENV/bin/python" -c "import importlib.metadata as m; print('img2dataset', m.version('img2dataset'))"
 echo "img2dataset venv ready: $VENV"
