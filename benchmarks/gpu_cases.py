@@ -103,7 +103,8 @@ def ours(model_name: str, shards: str, batch: int, steps: int, workers: int, cpu
     config = {"resnet50": "configs/resnet50_sgd.yaml", "clip_b32": "configs/clip_vit_b32.yaml"}[model_name]
     out = tempfile.mkdtemp(prefix="gpu_case_")
     overrides = [
-        f"run.output_dir={out}", "run.name=case", f"run.log_every_steps={LOG_EVERY_STEPS}", f"data.train={shards}", "data.val=",
+        f"run.output_dir={out}", "run.name=case", f"run.log_every_steps={LOG_EVERY_STEPS}",
+        f"data.train={shards}", "data.val=",
         f"data.batch_size_per_rank={batch}", "data.global_batch_size=null", f"data.num_workers_per_rank={workers}",
         "data.image_size_px=224", f"schedule.max_steps={steps}", "checkpoint.every_steps=0", "eval.at_end=false",
         "ray.num_workers=1", "data.randaugment=null", "data.mixup_alpha=0", "data.cutmix_alpha=0",

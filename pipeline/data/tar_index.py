@@ -91,6 +91,13 @@ def index_local(path: str | Path) -> Index:
 _BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular files (b"7": contiguous), as tarfile's isfile() counts them
 _SKIPPED_TYPES = (b"5",)  # directories: no data, not samples
+_PAX_TYPE = b"x"  # a pax record for the next header
+_SCANNED_TYPES = _FILE_TYPES + _SKIPPED_TYPES + (_PAX_TYPE,)
+
+
+def _next_header(data_offset: int, size: int) -> int:
+    """Where the header after a member of `size` bytes starting at `data_offset` begins (512-byte blocks)."""
+    return data_offset + -(-size // _BLOCK) * _BLOCK
 
 
 def _pax_overrides(record: bytes) -> dict[str, str] | None:
@@ -116,7 +123,7 @@ def _pax_overrides(record: bytes) -> dict[str, str] | None:
 def _scan_plain_headers(path: str | Path) -> Index | None:
     """index_members' result from the raw headers, or None where a header needs tarfile's handling."""
     samples: Index = []
-    pax: dict[str, str] = {}  # the pax record that applies to the next member
+    pax: dict[str, str] | None = None  # the pax record's path and size for the next member, once read
     with open(path, "rb") as handle:
         offset = 0
         while True:
@@ -125,10 +132,10 @@ def _scan_plain_headers(path: str | Path) -> Index | None:
             if len(header) < _BLOCK:
                 return None  # an empty or cut file, or no end-of-archive blocks: tarfile says which
             if header.count(0) == _BLOCK:
-                return samples if not pax else None  # the end-of-archive block
+                return samples if pax is None else None  # the end-of-archive block
             kind = header[156:157]
             size_field = header[124:136]
-            if kind not in _FILE_TYPES + _SKIPPED_TYPES + (b"x",) or size_field[0] & 0x80:
+            if kind not in _SCANNED_TYPES or size_field[0] & 0x80:
                 return None  # GNU long-name records, global pax records, links, base-256 sizes: tarfile's job
             # The checksum counts its own field as spaces (POSIX); tarfile checks it, and so must we.
             try:
@@ -139,28 +146,27 @@ def _scan_plain_headers(path: str | Path) -> Index | None:
             if stored != sum(header[:148]) + 256 + sum(header[156:]):
                 return None
             data_offset = offset + _BLOCK
-            if kind == b"x":  # webdataset's members carry one (a float mtime): path and size may change
-                if pax:
+            if kind == _PAX_TYPE:  # webdataset's members carry one (a float mtime): path and size may change
+                if pax is not None:
                     return None
                 handle.seek(data_offset)
-                overrides = _pax_overrides(handle.read(size))
-                if overrides is None:
+                pax = _pax_overrides(handle.read(size))
+                if pax is None:
                     return None
-                pax = overrides or {"": ""}  # a record without path or size still belongs to the next header
-                offset = data_offset + -(-size // _BLOCK) * _BLOCK
+                offset = _next_header(data_offset, size)
                 continue
             name = header[:100].split(b"\0", 1)[0]
             if header[345] != 0:  # a ustar name prefix (tarfile joins it for any header magic)
                 name = header[345:500].split(b"\0", 1)[0] + b"/" + name
             text = name.decode("utf-8", "surrogateescape")
-            if pax:
+            if pax is not None:
                 text = pax.get("path", text)
                 try:
                     size = int(pax.get("size", size))
                 except ValueError:
                     return None
-                pax = {}
-            offset = data_offset + -(-size // _BLOCK) * _BLOCK
+                pax = None
+            offset = _next_header(data_offset, size)
             if kind in _SKIPPED_TYPES or (kind == b"\0" and text.endswith("/")):  # V7 directories too
                 continue
             _add_member(samples, text, data_offset, size)

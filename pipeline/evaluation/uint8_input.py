@@ -1,5 +1,6 @@
-"""Evaluation batches as uint8 pixels, normalised where the model runs (pipeline.data.fast_image does the
-same for training).
+"""Evaluation batches as uint8 pixels, normalised where the model runs (pipeline.data.fast_image's
+normalize_on_device does the same for training, with one fused multiply-add that rounds differently from
+torchvision's ToTensor + Normalize: evaluation keeps torchvision's operations so its scores stay bit-identical).
 
 A model's eval transform (open_clip's: Resize, CenterCrop, convert to RGB, ToTensor, Normalize; timm's:
 Resize, CenterCrop, ToTensor, Normalize) is split at its ToTensor: the loader workers run the PIL steps and
