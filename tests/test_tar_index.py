@@ -92,3 +92,26 @@ def test_other_headers_are_left_to_tarfile(tmp_path, case):
             tar_index.index_local(path)
     else:  # tarfile's answer, whatever it is (a bad checksum ends tarfile's reading there)
         assert tar_index.index_local(path) == tarfile_index(path)
+
+
+def test_count_samples_reads_the_headers_and_falls_back_for_compressed_and_cut_tars(tmp_path, monkeypatch):
+    """A shard's sample count (pipeline.data.shards.count_samples, what a folder without a manifest is sized
+    by) comes from the readers' header index, not a stream read of every byte; a gzipped tar is counted by
+    the stream read, and a cut one is named."""
+    import gzip
+
+    from pipeline.data.shards import count_samples
+
+    path = write(tmp_path / "s.tar", SAMPLES)
+    streamed = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: streamed.append(a) or real_open(*a, **k))
+    assert count_samples(str(path)) == 3 and not streamed  # a/000, a/001, a/002: no tarfile at all
+
+    packed = tmp_path / "packed.tar"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    assert count_samples(str(packed)) == 4  # the stream read also counts "noext" (its old rule)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[:1000])  # inside the first member's data
+    with pytest.raises(ValueError, match="cut.tar: not a readable tar shard"):
+        count_samples(str(cut))

@@ -129,15 +129,17 @@ def unreadable_shard(path: str, err: Exception) -> ValueError:
 
 
 def count_samples(path: str) -> int:
-    """Distinct sample keys in a tar (webdataset's key = path up to the first dot of the basename).
-    A remote tar is read once, and its member index cached for the readers (tar_index.py)."""
-    if storage.is_remote(path):
-        from pipeline.data.tar_index import read_index
+    """Distinct sample keys in a tar (webdataset's key = path up to the first dot of the basename), from
+    the member index the readers use (tar_index.py): a local tar's headers (a tarfile stream read every
+    byte: 1.4 s of `launch eval`'s 6,000-image start), a remote tar read once and its index cached."""
+    from pipeline.data.tar_index import read_index
 
-        try:
-            return len({key for key, _ in read_index(path)})
-        except (OSError, tarfile.TarError) as err:
+    try:  # a local tar: its headers only, seeking over member data (the readers' own index)
+        return len({key for key, _ in read_index(path)})
+    except (OSError, tarfile.TarError) as err:
+        if storage.is_remote(path):
             raise unreadable_shard(path, err) from None
+    # Left to a stream read: a compressed tar (tarfile's "r|*"), or one cut short, which the stream names.
     keys = set()
     try:
         with tarfile.open(path, "r|*") as tar:
