@@ -4,27 +4,31 @@ Every failure becomes `RowRejected` with a reason such as `http_404` or `timeout
 opts out of our use (`X-Robots-Tag: noai`, data_prep/opt_out.py) becomes `opt_out`."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
+from urllib.parse import urljoin
 
 import urllib3
 from urllib3.exceptions import (ConnectTimeoutError, HTTPError, MaxRetryError, NameResolutionError,
                                 NewConnectionError, ProtocolError, ReadTimeoutError)
-from urllib3.util import Retry, Timeout
+from urllib3.util import Retry, Timeout, parse_url
 
 from data_prep import __version__
 from data_prep.http_pool import manager_for
 from data_prep.images import RowRejected
 from data_prep.opt_out import DEFAULT_DISALLOWED_DIRECTIVES, HEADER, disallowing_directive, robots_tokens
 
-_CHUNK_BYTES = 1 << 16
+_CHUNK_BYTES = 1 << 18
+"""At most this much per read of a body (http.client reads no more than the Content-Length left): most
+images come in one or two reads, each a socket call and a hand-off of the GIL."""
 _DRAIN_LIMIT_BYTES = 1 << 16
 """An unwanted body (an error page, an opted-out image) up to this size is read and dropped so that
 its connection can be reused; a longer one closes the connection instead."""
 _MAX_REDIRECTS = 10  # urllib's limit, which this replaces
-# urllib3 only follows redirects: every failure comes straight back to fetch_url, which retries with
-# back-off (no double retries), and too many redirects return the last 3xx answer (http_3xx, as before).
-_RETRIES = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=_MAX_REDIRECTS,
+# urllib3 retries nothing: every failure comes straight back to fetch_url, which retries with back-off
+# (no double retries). Redirects are followed by _open; too many return the last 3xx answer (http_3xx).
+_RETRIES = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=0,
                  raise_on_redirect=False, raise_on_status=False, respect_retry_after_header=False)
 
 
@@ -77,9 +81,7 @@ class _Transient(Exception):
 def _fetch_once(url: str, options: FetchOptions) -> bytes:
     deadline = time.monotonic() + options.timeout_seconds
     try:
-        response = manager_for(url).request("GET", url, headers={"User-Agent": options.user_agent},
-                                            timeout=Timeout(total=options.timeout_seconds), retries=_RETRIES,
-                                            preload_content=False, decode_content=False)
+        response = _open(url, options)
     except MaxRetryError as exc:
         raise _rejection(exc.reason, options) from None
     except ValueError as exc:  # no host, a bad port (LocationValueError): caught before HTTPError, its other base
@@ -93,6 +95,41 @@ def _fetch_once(url: str, options: FetchOptions) -> bytes:
         raise _Transient(*_transient_reason(exc, options)) from None
     finally:
         response.release_conn()
+
+
+def _open(url: str, options: FetchOptions) -> urllib3.BaseHTTPResponse:
+    """The answer to GET `url` after at most _MAX_REDIRECTS redirects (the last 3xx after more).
+
+    A direct request goes to the host's connection pool itself: PoolManager.urlopen parses the URL
+    again, builds a Retry and a header copy per request and checks for redirects in its own way,
+    ~0.1 ms per image of a worker's ~4.5 ms (RESULTS.md, issue 16). Through a proxy, ProxyManager's
+    urlopen adds the proxy's headers and the absolute URL."""
+    headers, timeout = _request_settings(options.user_agent, options.timeout_seconds)
+    manager = manager_for(url)
+    for redirects in range(_MAX_REDIRECTS + 1):
+        if isinstance(manager, urllib3.ProxyManager):
+            response = manager.urlopen("GET", url, redirect=False, headers=headers, timeout=timeout,
+                                       retries=_RETRIES, preload_content=False, decode_content=False)
+        else:
+            parsed = parse_url(url)
+            pool = manager.connection_from_host(parsed.host, port=parsed.port, scheme=parsed.scheme)
+            response = pool.urlopen("GET", parsed.request_uri, headers=headers, timeout=timeout,
+                                    retries=_RETRIES, redirect=False, assert_same_host=False,
+                                    preload_content=False, release_conn=False, decode_content=False)
+        location = response.get_redirect_location()
+        if not location or redirects == _MAX_REDIRECTS:
+            return response
+        response.drain_conn()
+        response.release_conn()
+        url = urljoin(url, location)
+        manager = manager_for(url)
+    raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=16)
+def _request_settings(user_agent: str, timeout_seconds: float) -> tuple[dict[str, str], Timeout]:
+    """The request's headers and urllib3 timeout (urllib3 copies both before changing them)."""
+    return {"User-Agent": user_agent}, Timeout(total=timeout_seconds)
 
 
 def _accept(response: urllib3.BaseHTTPResponse, deadline: float, options: FetchOptions) -> bytes:

@@ -109,6 +109,23 @@ def test_redirects_are_followed(keep_alive: LoopbackServer) -> None:
     assert _reason(f"{keep_alive.base}/loop") == "http_302"
 
 
+def test_redirects_to_another_host_and_scheme(keep_alive: LoopbackServer) -> None:
+    # fetch.py follows redirects itself (one connection pool per host): an absolute Location on another
+    # server is fetched there; a Location that is not http(s) leaves the row invalid_url, as urllib3 did.
+    other = LoopbackServer(lambda path: ((302, b"", [("Location", f"{keep_alive.base}/img/9")])
+                                         if path == "/away" else _respond(path)), keep_alive=True)
+    try:
+        assert fetch_url(f"{other.base}/away", FAST) == _image(9)
+        assert other.requests == ["/away"] and keep_alive.requests == ["/img/9"]
+    finally:
+        other.close()
+    ftp = LoopbackServer(lambda path: (301, b"", [("Location", "ftp://127.0.0.1/a.jpg")]), keep_alive=True)
+    try:
+        assert _reason(f"{ftp.base}/a.jpg") == "invalid_url"
+    finally:
+        ftp.close()
+
+
 def test_opt_out_and_connection_reuse_after_it(keep_alive: LoopbackServer) -> None:
     assert _reason(f"{keep_alive.base}/noai-small") == "opt_out"
     assert keep_alive.num_connections == 1  # drained and reused
