@@ -4,6 +4,7 @@ corpus of many millions of rows needs memory for a few numbers per row, not for 
 `data_prep/report.py` turns a CorpusStats into report.md, report.html and PNG plots."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ _SCRIPT_RANGES = (
     (0x0900, 0x097F, "Devanagari"), (0x0E00, 0x0E7F, "Thai"), (0x1100, 0x11FF, "Hangul"),
     (0x3040, 0x30FF, "Kana"), (0x3400, 0x9FFF, "Han"), (0xAC00, 0xD7AF, "Hangul"),
 )
+_ASCII_LETTER = re.compile("[A-Za-z]")
 _NUMERIC = ("original_width", "original_height", "width", "height", "label")
 
 
@@ -145,6 +147,8 @@ def _collect_scripts(stats: CorpusStats, ok: pa.Table, quota: int) -> None:
 
 def caption_script(text: str) -> str:
     """The script most of a caption's letters are written in (`none` when it has no letters)."""
+    if text.isascii():  # most captions: every ASCII letter is Latin (~1 us instead of ~30 per caption)
+        return "Latin" if _ASCII_LETTER.search(text) else "none"
     counts: Counter = Counter()
     for char in text:
         if char.isalpha():

@@ -250,3 +250,24 @@ def test_the_command_skips_the_interpreter_teardown(tmp_path: Path, server: _Ser
               "class Torn:\n    def __del__(self): print('torn-down')\nKEPT = Torn()")
     out = _run_the_command(tmp_path, server, before=before)
     assert out[-1] == "exit-handler-ran" and "torn-down" not in out, out
+
+
+def test_caption_script_of_ascii_captions_is_the_letter_count_answer() -> None:
+    # corpus_stats.caption_script answers ASCII captions without counting letter by letter: the same
+    # answer as the count over _SCRIPT_RANGES, for every ASCII character alone and in mixes.
+    from collections import Counter
+
+    from data_prep import corpus_stats
+
+    def counted(text: str) -> str:
+        counts: Counter = Counter()
+        for char in text:
+            if char.isalpha():
+                counts[next((n for lo, hi, n in corpus_stats._SCRIPT_RANGES if lo <= ord(char) <= hi), "other")] += 1
+        return counts.most_common(1)[0][0] if counts else "none"
+
+    texts = [chr(c) for c in range(128)] + ["", "1234 -- 56", "a photo, crop 7", "\t\n", "Z9", "~_~ x"]
+    for text in texts:
+        assert corpus_stats.caption_script(text) == counted(text), repr(text)
+    assert corpus_stats.caption_script("кот and a cat") == "Latin"  # not ASCII: counted as before
+    assert corpus_stats.caption_script("кошка, cat") == "Cyrillic"
