@@ -30,7 +30,10 @@ def _timed(module, name: str, box: dict):
 
 
 def run_ours(argv: list[str]) -> dict:
-    from pipeline.evaluation import tasks
+    from pipeline.import_guard import hidden_modules
+
+    with hidden_modules("wandb"):  # imported here before the command runs: as launch/eval_cmd.py imports it
+        from pipeline.evaluation import tasks
 
     box: dict = {}
     _timed(tasks, "evaluate_zero_shot", box)  # tasks.run_zeroshot calls it through the tasks module

@@ -15,21 +15,30 @@ import sys
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-# Subcommand modules, each with add_parser(subparsers), in the order --help lists them.
-COMMANDS = ("launch.pretrain", "launch.distill", "launch.eval_cmd", "launch.export_cmd", "launch.submit",
-            "launch.benchmark_data", "launch.report", "launch.soup")
+# Subcommand -> the module whose add_parser(subparsers) registers it, in the order --help lists them.
+COMMANDS = {"pretrain": "launch.pretrain", "distill": "launch.distill", "eval": "launch.eval_cmd",
+            "export": "launch.export_cmd", "submit": "launch.submit", "status": "launch.submit",
+            "logs": "launch.submit", "stop": "launch.submit", "benchmark-data": "launch.benchmark_data",
+            "report": "launch.report", "soup": "launch.soup"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The launcher's parser. Given the command line, only its command's module is imported: the modules
+    import what their commands need (export's imports torch, open_clip and timm, ~6 CPU s), which
+    `launch status` or `launch eval` should not pay for another command's sake. --help and unknown
+    commands get every command."""
     parser = argparse.ArgumentParser(prog="launch", description="Pretraining pipeline: Ray + DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
+    command = next((arg for arg in (argv or []) if not arg.startswith("-")), None)
+    modules = [COMMANDS[command]] if command in COMMANDS else COMMANDS.values()
+    for name in dict.fromkeys(modules):
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # ConfigError is a ValueError: the key and the file are in the message

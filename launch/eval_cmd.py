@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.import_guard import hidden_modules
 
 # pipeline.evaluation pulls in open_clip and scikit-learn: imported when a command runs, not when
 # `launch` builds its parser (that kept every `launch` command ~7 s slower to start).
@@ -103,7 +104,16 @@ def _options(args: argparse.Namespace):
                        embed_dim=getattr(args, "embed_dim", None))
 
 
+def _import_evaluation() -> None:
+    """pipeline.evaluation and what it imports (torch, open_clip -> timm), with timm's import-time probe for
+    wandb answered "not installed": ~0.5 s of every command, and evaluation never logs to W&B."""
+    with hidden_modules("wandb"):
+        import pipeline.evaluation.resolver  # noqa: F401
+        import pipeline.evaluation.tasks  # noqa: F401
+
+
 def run(args: argparse.Namespace) -> int:
+    _import_evaluation()
     task = getattr(args, "eval_task", None)
     if task is None and getattr(args, "follow", None):
         return _run_follow(args)

@@ -37,8 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-ONLY_SUBMIT = ("import sys; from launch import cli; cli.COMMANDS = ('launch.submit',); "
-               "sys.exit(cli.main(sys.argv[1:]))")
+ONLY_SUBMIT = "import sys; from launch import cli; sys.exit(cli.main(sys.argv[1:]))"  # imports launch.submit only
 # Worker ports (one per Ray worker process) come from a range per node. Ray's default, 10002-19999, is
 # shared by every Ray instance on the machine (the session cluster, other test sessions); the tests' nodes
 # take ranges of their own below the kernel's ephemeral ports (32768+), where free_port() never lands.
