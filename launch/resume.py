@@ -15,15 +15,17 @@ from pathlib import Path
 from pipeline.config import Config, ConfigError
 
 # Keys a relaunch may change and still resume its run (README, "Run directory"): how long it trains, how often
-# it logs, checkpoints and validates, what it validates on, and how the work is spread over processes and
+# it logs, checkpoints and validates, where its metrics go (a tracker added mid-run starts at the resumed step),
+# what it validates on and how (eval.async), and how the work is spread over processes and
 # machines. Every other key changes what a step computes or which samples it sees (data.train, the model,
 # the optimizer, the batch arithmetic, ray.num_workers, precision, seed), so resuming under it would continue
 # the old run's step and data position with a new meaning: refused, naming the keys.
 RESUMABLE_KEYS = frozenset({
     "run.output_dir", "run.log_every_steps", "run.inject_failure_at_step", "run.inject_failure_in_checkpoint",
-    "run.profile_steps", "schedule.epochs", "schedule.max_steps",
+    "run.profile_steps", "run.trackers", "schedule.epochs", "schedule.max_steps",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every", "checkpoint.preempt_grace_s",
-    "eval.every_steps", "eval.at_end", "eval.batch_size_per_rank", "eval.zeroshot",
+    "eval.every_steps", "eval.at_end", "eval.batch_size_per_rank", "eval.zeroshot", "eval.async",
+    "eval.async_num_cpus", "eval.async_num_gpus",
     "data.val", "data.val_image_size_px", "data.val_crop_pct", "data.num_workers_per_rank",
     "ray.max_failures", "ray.cpus_per_worker", "ray.gpus_per_worker", "ray.torch_threads_per_worker",
     "ray.storage_path",

@@ -50,16 +50,27 @@ class StepProfiler:
         self._started_s, self._cpu_started_s = time.perf_counter(), time.process_time()
 
     def after_step(self, step: int) -> None:
-        if self._profiler is None or step != self.last:
-            return
+        if self._profiler is not None and step == self.last:
+            self._write(step)
+
+    def close(self, last_done_step: int) -> None:
+        """The loop ended (finished, preempted, failed) after `last_done_step`: a window it cut short is
+        written with the steps it profiled, rather than lost with the profiler."""
+        if self._profiler is not None:
+            self._write(last_done_step, cut_short=True)
+
+    def _write(self, step: int, cut_short: bool = False) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall_s, cpu_s = time.perf_counter() - self._started_s, time.process_time() - self._cpu_started_s
         profiler, self._profiler = self._profiler, None
         profiler.__exit__(None, None, None)
-        write_profile(profiler, self.output_dir, self.last - self.first + 1, wall_s, cpu_s,
-                      on_gpu=self.device.type == "cuda")
-        print(f"[pretrain] profile of steps {self.first}-{self.last} written to {self.output_dir}", flush=True)
+        steps = step - self.first + 1
+        if steps < 1:  # stopped inside the window's first step: nothing whole to report
+            return
+        write_profile(profiler, self.output_dir, steps, wall_s, cpu_s, on_gpu=self.device.type == "cuda")
+        note = f" (the run stopped inside run.profile_steps {[self.first, self.last]})" if cut_short else ""
+        print(f"[pretrain] profile of steps {self.first}-{step} written to {self.output_dir}{note}", flush=True)
 
 
 def write_profile(profiler: torch.profiler.profile, output_dir: Path, steps: int, wall_s: float, cpu_s: float,

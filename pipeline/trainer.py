@@ -223,29 +223,39 @@ class _Loop:
         self.engine.train()
         profiler = StepProfiler(cfg.run.profile_steps, cfg.run_dir / PROFILE_DIR, self.task.device,
                                 enabled=self.rank == 0)
-        for step in range(start_step + 1, plan.total_steps + 1):
-            profiler.before_step(step)
-            for micro in range(cfg.deepspeed.gradient_accumulation_steps):
-                window.data_started()
-                item = next(batches)
-                window.data_done(item.skips)
-                self.position = item.position
-                # Mixup, drop-path and dropout draw from RNG seeded by (step, rank): a resumed run
-                # draws what the uninterrupted run drew.
-                seed_sample_rng(cfg.run.seed, step * 1000 + micro, -1 - self.rank)
-                loss, num_samples = self.task.loss(self.engine, item.batch)
-                self.engine.backward(loss)
-                self.engine.step()
-                window.add(loss.detach(), num_samples)
-            if self.ema is not None:
-                self.ema.update(self.engine.module, step=step)
-            profiler.after_step(step)
-            if not cfg.run.inject_failure_in_checkpoint:
-                self._maybe_inject_failure(step)
-            final = self._after_step(step, window)
-            if step < plan.total_steps and self.preemption is not None and self.preemption.agreed():
-                return self._stop_preempted(step, final)
-        return final
+        done = start_step  # the last step whose optimizer update ran: a profile window cut short ends there
+        try:
+            for step in range(start_step + 1, plan.total_steps + 1):
+                profiler.before_step(step)
+                self._optimizer_step(step, batches, window)
+                done = step
+                profiler.after_step(step)
+                if not cfg.run.inject_failure_in_checkpoint:
+                    self._maybe_inject_failure(step)
+                final = self._after_step(step, window)
+                if step < plan.total_steps and self.preemption is not None and self.preemption.agreed():
+                    return self._stop_preempted(step, final)
+            return final
+        finally:
+            profiler.close(done)
+
+    def _optimizer_step(self, step: int, batches, window: "_Window") -> None:
+        """One optimizer step: gradient_accumulation_steps micro-batches, then the EMA update."""
+        cfg = self.cfg
+        for micro in range(cfg.deepspeed.gradient_accumulation_steps):
+            window.data_started()
+            item = next(batches)
+            window.data_done(item.skips)
+            self.position = item.position
+            # Mixup, drop-path and dropout draw from RNG seeded by (step, rank): a resumed run draws what
+            # the uninterrupted run drew.
+            seed_sample_rng(cfg.run.seed, step * 1000 + micro, -1 - self.rank)
+            loss, num_samples = self.task.loss(self.engine, item.batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            window.add(loss.detach(), num_samples)
+        if self.ema is not None:
+            self.ema.update(self.engine.module, step=step)
 
     def _stop_preempted(self, step: int, metrics: dict) -> dict:
         """Every rank is here at the same step: checkpoint it (unless this step just did) and stop."""

@@ -346,6 +346,16 @@ def test_relaunch_with_resumable_changes_keeps_the_earlier_config(checkpointed, 
     assert archived.read_text() == before
 
 
+def test_relaunch_may_change_where_metrics_go_and_how_checkpoints_are_evaluated(checkpointed, digits_root, capsys):
+    """Trackers and the asynchronous evaluation's resources change what is logged, not what a step computes."""
+    out, _, _ = checkpointed
+    capsys.readouterr()
+    cfg = prepared_config(SMOKE, overrides(out, digits_root, **{"run.trackers": [], "eval.async_num_cpus": 2.0}))
+    assert cfg.run.trackers == () or cfg.run.trackers == []
+    line = next(line for line in capsys.readouterr().out.splitlines() if "changed settings" in line)
+    assert "eval.async_num_cpus 1.0 -> 2.0" in line and "run.trackers" in line
+
+
 def test_relaunch_on_a_training_set_with_another_class_list_is_refused(checkpointed, digits_root):
     out, _, ckpt = checkpointed
     meta = json.loads((ckpt / "meta.json").read_text())
