@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,3 +272,39 @@ def test_caption_script_of_ascii_captions_is_the_letter_count_answer() -> None:
         assert corpus_stats.caption_script(text) == counted(text), repr(text)
     assert corpus_stats.caption_script("кот and a cat") == "Latin"  # not ASCII: counted as before
     assert corpus_stats.caption_script("кошка, cat") == "Cyrillic"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the report forks only on Linux")
+def test_report_plots_drawn_in_a_forked_child_are_the_serial_ones(tmp_path: Path, server: _Server,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # data_prep/report.py draws part of the plots in a forked child: the same files as all drawn here,
+    # and a child that fails leaves its plots to this process.
+    from data_prep import report, report_plots
+
+    urls = [f"{server.base}/img/{i}.jpg" for i in range(6)] + [f"{server.base}/missing/1.jpg"]
+    out = tmp_path / "out"
+    assert main(_args(_table(tmp_path / "t.parquet", urls), out, "--shard-size", "3")) == 0
+    monkeypatch.setattr(report, "_can_fork", lambda: True)  # also beside the test session's Ray
+
+    def plots() -> dict[str, bytes]:
+        shutil.rmtree(out / "stats", ignore_errors=True)
+        report.write_report(out)
+        return {p.name: p.read_bytes() for p in sorted((out / "stats").glob("*.png"))}
+
+    forked = plots()
+    assert set(forked) == {"image_sizes.png", "caption_length.png", "rejects_by_partition.png",
+                           "rejects_by_source.png"}
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "_can_fork", lambda: False)
+        assert plots() == forked
+    parent, real_draw = os.getpid(), report._draw
+
+    def fails_in_the_child(module: object, calls: list) -> None:
+        if os.getpid() != parent:
+            (tmp_path / "child_failed").write_text(",".join(name for name, _, _ in calls))
+            raise RuntimeError("a child that cannot draw")
+        real_draw(module, calls)
+
+    monkeypatch.setattr(report, "_draw", fails_in_the_child)
+    assert plots() == forked
+    assert (tmp_path / "child_failed").read_text()  # the child had plots to draw, and failed
