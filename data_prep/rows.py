@@ -7,6 +7,8 @@ import datetime
 import decimal
 import json
 import math
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,6 +26,31 @@ DUPLICATE_KEY_COL = "__data_prep_duplicate_key"
 # Original row number, for inputs that were filtered (train/val split) before partitioning.
 SOURCE_ROW_COL = "__data_prep_source_row"
 INTERNAL_COLS = (DUPLICATE_KEY_COL, SOURCE_ROW_COL)
+
+
+def _num_cores() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# Rows whose image is decoded, resized and encoded at the same time in this process: at most one per core.
+# A partition's --threads overlap downloads; more of them in Pillow at once than there are cores only take
+# turns at the GIL (Pillow's JPEG encoder holds it) and evict each other's pixels from the caches: 16
+# threads in one process on 2 cores, half the context switches and 4-10% less CPU per row with this
+# limit, the 2-process command ~3% (RESULTS.md, issue 16). Downloads stay --threads wide. Renewed in a
+# forked child (never a parent's semaphore, which a parent's thread may have held at the fork).
+_image_slots = threading.BoundedSemaphore(_num_cores())
+
+
+def _new_image_slots() -> None:
+    global _image_slots
+    _image_slots = threading.BoundedSemaphore(_num_cores())
+
+
+os.register_at_fork(after_in_child=_new_image_slots)
 
 
 @dataclass(frozen=True)
@@ -69,7 +96,8 @@ def build_sample(spec: RowSpec, row: Mapping[str, Any], ctx: RowContext) -> Buil
         raise RowRejected("duplicate_key", ctx.key)
     text_files = _text_files(spec, row)
     raw = read_image_bytes(spec, row, ctx.base_dir)
-    image = process_image(raw, spec.image)
+    with _image_slots:
+        image = process_image(raw, spec.image)
     digest = sha256_hex(raw)
     meta = _metadata(spec, row, ctx, image, digest, text_files)
     files: dict[str, bytes] = {image.ext: image.data}

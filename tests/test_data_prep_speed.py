@@ -308,3 +308,55 @@ def test_report_plots_drawn_in_a_forked_child_are_the_serial_ones(tmp_path: Path
     monkeypatch.setattr(report, "_draw", fails_in_the_child)
     assert plots() == forked
     assert (tmp_path / "child_failed").read_text()  # the child had plots to draw, and failed
+
+
+def test_images_are_processed_at_most_one_per_core_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # data_prep/rows.py: a partition's threads read (download) in parallel, but no more of them decode,
+    # resize and encode at once than the process has slots (one per core); a rejected image frees its slot.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_prep import rows
+    from data_prep.images import RowRejected
+
+    monkeypatch.setattr(rows, "_image_slots", threading.BoundedSemaphore(2))
+    lock, busy, peak, reading = threading.Lock(), [0], [0], [0]
+    real_read, real_process = rows.read_image_bytes, rows.process_image
+
+    def read(*args: object) -> bytes:
+        with lock:
+            reading[0] += 1
+            peak.append(-reading[0])  # negative entries: reads in flight
+        time.sleep(0.02)
+        with lock:
+            reading[0] -= 1
+        return real_read(*args)
+
+    def process(raw: bytes, options: ImageOptions):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        try:
+            time.sleep(0.02)
+            return real_process(raw, options)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(rows, "read_image_bytes", read)
+    monkeypatch.setattr(rows, "process_image", process)
+    spec = rows.RowSpec("image_text", "img", "bytes", caption_col="cap")
+    images = [b"not an image"] * 2 + [_jpeg(i) for i in range(10)]
+
+    def build(i: int) -> object:
+        try:
+            return rows.build_sample(spec, {"img": images[i], "cap": "c"}, rows.RowContext("t", "/", i, f"k{i}"))
+        except RowRejected as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as pool:
+        built = list(pool.map(build, range(len(images))))
+    assert [type(b).__name__ for b in built] == ["RowRejected"] * 2 + ["BuiltRow"] * 10
+    assert peak[0] == 2  # never more than the slots, and both used
+    assert min(peak[1:]) < -2  # reads overlapped beyond the slots
+    assert rows._image_slots.acquire(blocking=False) and rows._image_slots.acquire(blocking=False)
