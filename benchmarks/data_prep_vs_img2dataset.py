@@ -292,8 +292,10 @@ def main() -> int:
     try:
         for round_index in range(args.rounds):
             for name, runner in runners:
+                load_before = os.getloadavg()[0]  # the machine is often shared: say how busy it was
                 row = runner(args, table, args.workdir / f"out-{name}", env)
                 row.update(round=round_index, samples_per_s=row["samples"] / row["wall_s"],
+                           load_1min=(load_before, os.getloadavg()[0]),
                            samples_per_cpu_s=row["samples"] / max(row["cpu_s"], 1e-9),
                            processes=args.processes, threads=args.threads, rows=num_rows,
                            executor=args.executor if name == "data-prep" else None,
@@ -302,7 +304,8 @@ def main() -> int:
                 print(f"round {round_index} {name:12s} {row['samples']:5d} samples  {row['wall_s']:6.1f} s  "
                       f"{row['samples_per_s']:7.1f} samples/s  {row['cpu_s']:6.1f} CPU-s "
                       f"({row['samples_per_cpu_s']:.1f} samples/CPU-s)  "
-                      f"out {row['out_size']}  rejected {row['rejected']}", flush=True)
+                      f"out {row['out_size']}  rejected {row['rejected']}  "
+                      f"load {row['load_1min'][0]:.1f} -> {row['load_1min'][1]:.1f}", flush=True)
                 if args.out:
                     with open(args.out, "a") as fh:
                         fh.write(json.dumps({**row, "machine": machine()}) + "\n")
