@@ -47,7 +47,7 @@ def run_partitions_locally(spec: RowSpec, todo: list[PartitionTask], out_dir: st
     """Run every partition in a pool of `num_workers` processes; arguments as run_partitions_on_ray's.
     `while_running` runs in this process once the workers have started (after the fork: it may import
     and start threads), while they work."""
-    context = multiprocessing.get_context(_start_method())
+    context = multiprocessing.get_context(start_method())
     remaining = {task.shard_index: task for task in todo}
     for restart in range(MAX_POOL_RESTARTS + 1):
         with contextlib.ExitStack() as stack:
@@ -70,7 +70,7 @@ def run_partitions_locally(spec: RowSpec, todo: list[PartitionTask], out_dir: st
                       "partitions in a new pool", file=sys.stderr, flush=True)
 
 
-def _start_method() -> str:
+def start_method() -> str:
     """fork on Linux, unless this process is connected to Ray: a forked copy of a Ray driver shares its
     sockets to the raylet and its gRPC threads' state, and in the test suite (data-prep called in-process
     beside the session's Ray cluster) a forked pool took the driver down with it. Such a process pays the

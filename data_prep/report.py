@@ -153,9 +153,9 @@ def _draw(module: object, calls: list[tuple[str, tuple, dict]]) -> None:
 
 def _can_fork() -> bool:
     """Where the local process pool forks too: Linux, not connected to Ray (data_prep/local_runner.py)."""
-    from data_prep.local_runner import _start_method
+    from data_prep.local_runner import start_method
 
-    return _start_method() == "fork"
+    return start_method() == "fork"
 
 
 def _fork_drawing(module: object, calls: list[tuple[str, tuple, dict]]) -> int | None:
