@@ -20,6 +20,7 @@ from data_prep import __version__
 from data_prep.fetch import FetchOptions
 from data_prep.images import RESAMPLE_FILTERS, RESIZE_MODES, ImageOptions
 from data_prep.opt_out import DEFAULT_DISALLOWED_DIRECTIVES, parse_directive_list
+from pipeline.import_guard import hidden_modules
 
 
 def _add_image_args(parser: argparse.ArgumentParser, default_size: int = 256) -> None:
@@ -381,30 +382,16 @@ def _stage_bucket_output(args: argparse.Namespace):
     return bucket
 
 
-class _NoPandas:
-    """An import hook that answers `import pandas` with ImportError (see _pyarrow_without_pandas)."""
-
-    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if name == "pandas":
-            raise ImportError("pandas: data-prep hands pyarrow no pandas objects")
-
-
 def _pyarrow_without_pandas() -> None:
     """pyarrow imports pandas on its first array built from Python objects (reading a table, a stats
     file), only to ask whether those objects are pandas'; data-prep's never are, and the import costs
     ~0.3 CPU-s before any work (5% of a 2,000-row job, benchmarks/RESULTS.md issue 16). pyarrow asks once
     per process and remembers the answer (forked workers inherit it); pandas itself stays importable, and
     Table.to_pandas still works. For the command only: a caller's process may hand pyarrow pandas objects."""
-    if "pandas" in sys.modules:
-        return
-    hook = _NoPandas()
-    sys.meta_path.insert(0, hook)
-    try:
+    with hidden_modules("pandas"):  # nothing changes where pandas is already imported
         import pyarrow as pa
 
         pa.array([0])  # the first such array: pyarrow looks for pandas here
-    finally:
-        sys.meta_path.remove(hook)
 
 
 def _exit_without_teardown(code: int) -> None:
