@@ -27,16 +27,24 @@ export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   python3 -c "import torch, timm, deepspeed, open_clip; print(torch.__version__, timm.__version__, deepspeed.__version__, open_clip.__version__)"; } > "$OUT/gpu_info.txt" 2>&1
 timeout 120 python3 benchmarks/make_image_text_shards.py --output /tmp/gpu_shards --samples 6144 --shards 32 \
     --labels 1000 --processes 16 > "$OUT/shards.log" 2>&1
-run() {  # run LIMIT_S ARGS...: one case, skipped when it would not fit in the budget
-    local limit=$1; shift
+fits() {  # fits LIMIT_S CASE: whether the case fits in what is left of the budget (else it is recorded skipped)
     local left=$((BUDGET_S - ($(date +%s) - START)))
-    if [ "$left" -lt "$limit" ]; then
-        echo "{\"case\": \"$2${3:+ $3}\", \"skipped\": \"budget: ${left}s left, case limit ${limit}s\"}" >> "$OUT/gpu.jsonl"
-        return
-    fi
+    [ "$left" -ge "$1" ] && return 0
+    echo "{\"case\": \"$2\", \"skipped\": \"budget: ${left}s left, case limit $1s\"}" >> "$OUT/gpu.jsonl"
+    return 1
+}
+run() {  # run LIMIT_S ARGS...: one training or loader case (benchmarks/gpu_cases.py)
+    local limit=$1; shift
+    fits "$limit" "$2${3:+ $3}" || return
     timeout "$limit" python3 benchmarks/gpu_cases.py --out "$OUT/gpu.jsonl" --shards /tmp/gpu_shards \
         --steps "$STEPS" "$@" >> "$OUT/cases.log" 2>&1 \
         || echo "{\"case\": \"$2${3:+ $3}\", \"error\": \"timeout or crash (rc $?), see cases.log\"}" >> "$OUT/gpu.jsonl"
+}
+run_eval() {  # run_eval LIMIT_S SIDE: zero-shot eval, bf16: ours (launch eval --amp) or CLIP_benchmark's loop
+    fits "$1" "eval_zeroshot_$2" || return
+    timeout "$1" python3 benchmarks/gpu_eval.py --side "$2" --shards /tmp/gpu_shards --out "$OUT/gpu.jsonl" \
+        --workers 15 >> "$OUT/cases.log" 2>&1 \
+        || echo "{\"case\": \"eval_zeroshot_$2\", \"error\": \"timeout or crash (rc $?), see cases.log\"}" >> "$OUT/gpu.jsonl"
 }
 # --profile: torch.profiler over 4 warm steps of each (pipeline/profiling.py): where our step's time goes
 # beside the reference's (2026-11-30: ours 0.77-0.88x of the eager reference, compile gained nothing).
@@ -45,6 +53,8 @@ run 120 --case resnet50_ours --profile
 run 70 --case clip_b32_torch --profile
 run 120 --case clip_b32_ours --profile
 run 60 --case loader --workers 15
+run_eval 60 ours
+run_eval 60 reference
 run 150 --case resnet50_ours --compile
 run 100 --case resnet50_torch --compile
 run 150 --case clip_b32_ours --compile

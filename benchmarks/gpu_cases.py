@@ -186,10 +186,15 @@ def main() -> int:
         row["profile"] = json.loads((profile_dir / "summary.json").read_text())
     if "samples_per_second" in row and model_name in GFLOP_PER_SAMPLE:
         row["mfu"] = row["samples_per_second"] * GFLOP_PER_SAMPLE[model_name] / (PEAK_TFLOPS * 1000)
-    with open(args.out, "a") as sink:
+    write_row(args.out, row)
+    return 0
+
+
+def write_row(out: str, row: dict) -> None:
+    """Append a case's JSON line to the file gpu.sh returns, and print it."""
+    with open(out, "a") as sink:
         sink.write(json.dumps(row) + "\n")
     print(json.dumps(row))
-    return 0
 
 
 if __name__ == "__main__":

@@ -43,3 +43,21 @@ def test_our_case_and_the_reference_run_and_profile_on_the_cpu(digits_root, tmp_
     assert "error" not in reference, reference.get("error")
     assert reference["samples_per_second"] > 0 and reference["profile"]["steps"] == 4
     assert "aten::convolution_backward" in (tmp_path / "profile_resnet50_torch" / "top_ops.txt").read_text()
+
+
+def test_the_eval_cases_run_both_sides_on_the_cpu(digits_root, tmp_path):
+    """benchmarks/gpu_eval.py: `launch eval zeroshot` and CLIP_benchmark's loop restated, same random-init
+    weights and shards, each in its own process; both score every sample, and the same top-1."""
+    out = tmp_path / "gpu.jsonl"
+    rows = []
+    for side in ("ours", "reference"):
+        command = [sys.executable, "benchmarks/gpu_eval.py", "--side", side, "--shards",
+                   str(digits_root / "labelled" / "val"), "--out", str(out), "--classes", "10", "--batch", "64",
+                   "--workers", "1", "--work", str(tmp_path / "work"), "--cpu-smoke"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows.append(json.loads(out.read_text().splitlines()[-1]))
+    ours, reference = rows
+    assert "error" not in ours and "error" not in reference, (ours.get("error"), reference.get("error"))
+    assert ours["num_samples"] == reference["num_samples"] > 0 and ours["acc1"] == reference["acc1"]
+    assert ours["images_per_second"] > 0 and reference["wall_seconds"] > reference["eval_seconds"] > 0
