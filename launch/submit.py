@@ -52,8 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-wait", action="store_true", help="return after submitting; do not stream logs")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="after --: the launch command, e.g. -- pretrain --config configs/x.yaml")
-    # sub.choices fills as the other modules register: complete by the time run() is called.
-    parser.set_defaults(func=run_submit, launch_commands=sub.choices)
+    parser.set_defaults(func=run_submit)
 
     parser = sub.add_parser("status", help="state of a submitted job (no JOB: list the cluster's jobs)")
     add_address(parser)
@@ -200,7 +199,9 @@ def job_entrypoint(command: list[str], args: argparse.Namespace) -> str:
     name = command[0]
     if name in ("submit", "status", "logs", "stop"):
         raise ValueError(f"`launch {name}` talks to the cluster from your machine: it is not a job to submit")
-    known = sorted(set(args.launch_commands) - {"submit", "status", "logs", "stop"})
+    from launch.cli import COMMANDS  # every command, though only this module's parsers were built
+
+    known = sorted(set(COMMANDS) - {"submit", "status", "logs", "stop"})
     if not name.startswith("-") and name not in known:
         raise ValueError(f"unknown launch command '{name}' after --: choose from {', '.join(known)} "
                          "(or pass --raw to run a command verbatim)")

@@ -114,21 +114,26 @@ def test_unreachable_address_is_one_clear_line(tmp_path):
 
 
 def test_full_cli_registers_the_cluster_commands():
+    """As `launch` parses (launch/cli.py builds only the command's parser): submit still knows every command."""
     from launch.cli import build_parser
     from launch.submit import job_entrypoint
 
-    args = build_parser().parse_args(["submit", "--address", "http://h:8265", "--", "pretrain", "--config",
-                                      "configs/my run.yaml", "--address", "ignored-by-submit"])
+    def parse(argv: list[str]):
+        return build_parser(argv).parse_args(argv)
+
+    args = parse(["submit", "--address", "http://h:8265", "--", "pretrain", "--config", "configs/my run.yaml",
+                  "--address", "ignored-by-submit"])
     assert args.address == "http://h:8265"
     assert job_entrypoint(args.command, args) == ("python -m launch pretrain --config 'configs/my run.yaml' "
                                                   "--address ignored-by-submit")
+    assert job_entrypoint(["--", "eval", "zeroshot"], args) == "python -m launch eval zeroshot"
     for command, message in ((["--"], "nothing to submit"), (["--", "pretrian"], "unknown launch command"),
                              (["--", "status", "x"], "not a job to submit")):
-        args = build_parser().parse_args(["submit", *command])
+        args = parse(["submit", *command])
         with pytest.raises(ValueError, match=message):
             job_entrypoint(args.command, args)
     for name in ("status", "logs", "stop"):
-        assert build_parser().parse_args([name, "j"]).job == "j"
+        assert parse([name, "j"]).job == "j"
 
 
 def test_address_precedence(monkeypatch):
