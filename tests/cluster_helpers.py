@@ -37,7 +37,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-ONLY_SUBMIT = "import sys; from launch import cli; sys.exit(cli.main(sys.argv[1:]))"  # imports launch.submit only
 # Worker ports (one per Ray worker process) come from a range per node. Ray's default, 10002-19999, is
 # shared by every Ray instance on the machine (the session cluster, other test sessions); the tests' nodes
 # take ranges of their own below the kernel's ephemeral ports (32768+), where free_port() never lands.
@@ -139,13 +138,11 @@ class Head:
         self.root, self.token, self.address = root, token, dashboard
 
     def launch(self, *argv: str, home: Path | None = None, timeout: float = 120, cwd: Path = REPO,
-               full_cli: bool = False, **env: str) -> subprocess.CompletedProcess:
-        """`launch ARGV...`; only `submit` and its siblings are registered unless full_cli (then `pretrain`
-        and the others are known to `submit --` too)."""
+               **env: str) -> subprocess.CompletedProcess:
+        """`launch ARGV...` as a user runs it (`python -m launch` imports only the command's module)."""
         home = home or self.root / "client_home"
         home.mkdir(exist_ok=True)
-        program = ["-m", "launch"] if full_cli else ["-c", ONLY_SUBMIT]
-        return subprocess.run([sys.executable, *program, *argv], cwd=cwd, env=clean_env(home, **env),
+        return subprocess.run([sys.executable, "-m", "launch", *argv], cwd=cwd, env=clean_env(home, **env),
                               capture_output=True, text=True, timeout=timeout)
 
     def ok(self, *argv: str, **kwargs) -> str:

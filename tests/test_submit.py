@@ -6,8 +6,7 @@ by its temp dir and GCS address), never with `ray stop`, which kills every Ray p
 tests/cluster_helpers.py starts it (test_two_node.py adds a second node to such a head).
 
 Each CLI call runs in a subprocess with a clean environment (its own HOME, no RAY_* variables from this
-process), as a user would run it. The subprocess registers only launch.submit: the full `launch` imports
-open_clip and scikit-learn (~7 s a call); test_full_cli_* checks the real registration once.
+process), as a user would run it: `python -m launch`, which imports only the command's module (launch/cli.py).
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import sys
 
 import pytest
 
-from cluster_helpers import ONLY_SUBMIT, REPO, clean_env, free_port, local_cluster
+from cluster_helpers import REPO, clean_env, free_port, local_cluster
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +104,10 @@ def test_unreachable_address_is_one_clear_line(tmp_path):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     home = tmp_path / "home"
     home.mkdir()
-    result = subprocess.run([sys.executable, "-c", ONLY_SUBMIT, "submit", "--address", address, "--", "--help"],
+    result = subprocess.run([sys.executable, "-m", "launch", "submit", "--address", address, "--", "--help"],
                             cwd=REPO, env=clean_env(home), capture_output=True, text=True, timeout=60)
     assert "cannot reach the Ray dashboard at " + address in one_error_line(result)
-    result = subprocess.run([sys.executable, "-c", ONLY_SUBMIT, "status", "x"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "launch", "status", "x"], cwd=REPO, capture_output=True,
                             env=clean_env(home, RAY_ADDRESS=address), text=True, timeout=60)
     assert address in one_error_line(result)  # $RAY_ADDRESS is the default address
 

@@ -92,7 +92,7 @@ def test_pretrain_job_spans_both_nodes_and_checkpoints(two_nodes, digits_root, t
         argv += ["--set", f"{key}={value}"]
     client = two_nodes.client()
     # The full `launch` CLI: `submit --` must know `pretrain`.
-    result = client.launch(*argv, full_cli=True, timeout=480, RAY_AUTH_TOKEN=two_nodes.token)
+    result = client.launch(*argv, timeout=480, RAY_AUTH_TOKEN=two_nodes.token)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
     assert f"job {RUN} SUCCEEDED" in out, out[-6000:]
@@ -143,7 +143,7 @@ def test_a_ray_drain_notice_becomes_a_checkpoint_at_that_step(two_nodes_to_drain
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     client = two_nodes.client()
-    result = client.launch(*argv, full_cli=True, timeout=120, RAY_AUTH_TOKEN=two_nodes.token)
+    result = client.launch(*argv, timeout=120, RAY_AUTH_TOKEN=two_nodes.token)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     metrics = output_dir / run / "metrics.jsonl"
     deadline = time.monotonic() + 300

@@ -35,7 +35,7 @@ def submit(cluster, job_id: str, overrides: dict) -> str:
             "pretrain", "--config", "configs/smoke_resnet.yaml"]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
-    result = cluster.client().launch(*argv, full_cli=True, timeout=600, RAY_AUTH_TOKEN=cluster.token)
+    result = cluster.client().launch(*argv, timeout=600, RAY_AUTH_TOKEN=cluster.token)
     out = result.stdout + result.stderr
     assert result.returncode == 0 and f"job {job_id} SUCCEEDED" in out, out[-6000:]
     return out
