@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from data_prep.fetch import FetchOptions, fetch_url
 from data_prep.images import EncodedImage, ImageOptions, RowRejected, process_image, sha256_hex
 from data_prep.writer import Sample
+from pipeline.host import usable_cpus
 
 SAMPLE_KINDS = ("image_text", "labelled", "zeroshot", "retrieval")
 # Evaluation sets (`data-prep eval-set`): CLIP_benchmark layout, shards named 0.tar, 1.tar, ...
@@ -28,26 +29,18 @@ SOURCE_ROW_COL = "__data_prep_source_row"
 INTERNAL_COLS = (DUPLICATE_KEY_COL, SOURCE_ROW_COL)
 
 
-def _num_cores() -> int:
-    """CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 # Rows whose image is decoded, resized and encoded at the same time in this process: at most one per core.
 # A partition's --threads overlap downloads; more of them in Pillow at once than there are cores only take
 # turns at the GIL (Pillow's JPEG encoder holds it) and evict each other's pixels from the caches: 16
 # threads in one process on 2 cores, half the context switches and 4-10% less CPU per row with this
 # limit, the 2-process command ~3% (RESULTS.md, issue 16). Downloads stay --threads wide. Renewed in a
 # forked child (never a parent's semaphore, which a parent's thread may have held at the fork).
-_image_slots = threading.BoundedSemaphore(_num_cores())
+_image_slots = threading.BoundedSemaphore(usable_cpus())
 
 
 def _new_image_slots() -> None:
     global _image_slots
-    _image_slots = threading.BoundedSemaphore(_num_cores())
+    _image_slots = threading.BoundedSemaphore(usable_cpus())
 
 
 os.register_at_fork(after_in_child=_new_image_slots)

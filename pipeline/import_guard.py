@@ -2,9 +2,10 @@
 
 Some libraries import optional packages only to ask whether they are installed: timm (imported by open_clip)
 imports wandb for `timm.utils.summary`, ~0.5 s of every `launch eval`; pyarrow imports pandas on its first
-array built from Python objects, ~0.3 s of every `data-prep` command. Nothing here uses either answer. While `hidden_modules` is active, importing one of the named modules (or a submodule)
-raises ImportError, which such probes catch; afterwards the modules import normally (a tracker that logs to
-W&B imports it itself). Only the probing library keeps the "not installed" answer it got.
+array built from Python objects, ~0.3 s of every `data-prep` command. Nothing here uses either answer.
+While `hidden_modules` is active, importing one of the named modules (or a submodule) raises ImportError,
+which such probes catch; afterwards the modules import normally (a tracker that logs to W&B imports it
+itself). Only the probing library keeps the "not installed" answer it got.
 """
 from __future__ import annotations
 

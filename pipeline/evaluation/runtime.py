@@ -12,14 +12,11 @@ from tqdm import tqdm
 
 from pipeline.data.eval_batches import Batch
 from pipeline.data.stream import StreamBatch
+from pipeline.host import usable_cpus
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def forward_threads(num_workers: int, cpus: int) -> int:
