@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     for name in ("write_report", "collect", "report_blocks"):
         timed(report, name)
     sys.argv = ["data-prep", *argv]
-    atexit.register(report_phases)  # main() without argv ends the process itself (cli._exit_without_teardown)
+    atexit.register(report_phases)  # main() without argv ends the process itself (pipeline.process_exit)
     return cli.main()  # no argv: what the `data-prep` command runs
 
 

@@ -6,13 +6,10 @@ a manifest, sizes.json (open_clip) and _info.json (timm). See `data-prep COMMAND
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import os
 import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +18,7 @@ from data_prep.fetch import FetchOptions
 from data_prep.images import RESAMPLE_FILTERS, RESIZE_MODES, ImageOptions
 from data_prep.opt_out import DEFAULT_DISALLOWED_DIRECTIVES, parse_directive_list
 from pipeline.import_guard import hidden_modules
+from pipeline.process_exit import exit_without_teardown
 
 
 def _add_image_args(parser: argparse.ArgumentParser, default_size: int = 256) -> None:
@@ -394,24 +392,10 @@ def _pyarrow_without_pandas() -> None:
         pa.array([0])  # the first such array: pyarrow looks for pandas here
 
 
-def _exit_without_teardown(code: int) -> None:
-    """End the command now that its work is on disk. What a normal exit adds is the interpreter tearing
-    down every module and object (matplotlib, pyarrow, the job's tables): 0.15-0.35 s of wall and CPU on a
-    2,000-row job (benchmarks/RESULTS.md issue 16). Exit handlers still run (Ray's shutdown, multiprocessing's
-    clean-up, weakref finalizers); a normal exit is kept while a non-daemon thread is alive, to wait for it."""
-    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
-        return
-    atexit._run_exitfuncs()  # what a normal exit runs; undocumented but public since Python 2
-    with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to say
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     code = _run(argv)
     if argv is None:  # the command line, not a caller in its own process
-        _exit_without_teardown(code)
+        exit_without_teardown(code)
     return code
 
 
