@@ -1,11 +1,9 @@
-"""Keep-alive HTTP connections for data-prep's downloads (data_prep/fetch.py): one urllib3 PoolManager
-per process, shared by its download threads, with a pool of connections per host.
+"""Keep-alive HTTP connections through a proxy for data-prep's downloads (data_prep/fetch.py): one urllib3
+ProxyManager per process and proxy, shared by its download threads. Direct requests go to data_prep/http1.py.
 
-Why: a new TCP connection per image (urllib.request) costs a connect, a server-side thread and the
-handler chain's setup for every image; CDNs keep connections alive, so one per thread and host is enough.
-A proxy from the environment (`http_proxy`, `https_proxy`, `no_proxy`, as urllib reads them) gets a
-ProxyManager of its own. Pools are per process: a forked child drops its parent's (the sockets are the
-parent's) and builds its own on first use."""
+The proxy comes from the environment (`http_proxy`, `https_proxy`, `no_proxy`, as urllib reads them).
+Pools are per process: a forked child drops its parent's (the sockets are the parent's) and builds its own
+on first use."""
 from __future__ import annotations
 
 import functools
@@ -24,7 +22,7 @@ MAX_CONNECTIONS_PER_HOST = 256
 opened, so this bounds nothing in practice."""
 
 _lock = threading.Lock()
-_managers: dict[str | None, urllib3.PoolManager] = {}
+_managers: dict[str, urllib3.ProxyManager] = {}
 
 
 def _forget_parent_pools() -> None:
@@ -36,15 +34,15 @@ def _forget_parent_pools() -> None:
 os.register_at_fork(after_in_child=_forget_parent_pools)
 
 
-def manager_for(url: str) -> urllib3.PoolManager:
-    """This process's manager for `url`: direct or through the environment's proxy for its scheme."""
-    proxy = None
+def proxy_manager_for(url: str) -> urllib3.ProxyManager | None:
+    """This process's manager for the environment's proxy for `url`'s scheme; None: go direct."""
     proxies = _proxies(tuple(os.environ.get(name) for name in _PROXY_VARIABLES))
-    if proxies:
-        parsed = parse_url(url)
-        proxy = proxies.get(parsed.scheme or "http")
-        if proxy and urllib.request.proxy_bypass(parsed.netloc or ""):
-            proxy = None
+    if not proxies:
+        return None
+    parsed = parse_url(url)
+    proxy = proxies.get(parsed.scheme or "http")
+    if not proxy or urllib.request.proxy_bypass(parsed.netloc or ""):
+        return None
     manager = _managers.get(proxy)
     if manager is None:
         with _lock:
@@ -64,12 +62,10 @@ def _proxies(settings: tuple[str | None, ...]) -> dict[str, str]:
     return urllib.request.getproxies()
 
 
-def _new_manager(proxy: str | None) -> urllib3.PoolManager:
-    sizes = {"num_pools": MAX_HOSTS, "maxsize": MAX_CONNECTIONS_PER_HOST, "block": False}
-    if proxy is None:
-        return urllib3.PoolManager(**sizes)
+def _new_manager(proxy: str) -> urllib3.ProxyManager:
     if "://" not in proxy:
         proxy = "http://" + proxy  # urllib reads `host:port` as an http proxy too
     auth = parse_url(proxy).auth
     headers = make_headers(proxy_basic_auth=auth) if auth else None
-    return urllib3.ProxyManager(proxy, proxy_headers=headers, **sizes)
+    return urllib3.ProxyManager(proxy, proxy_headers=headers, num_pools=MAX_HOSTS, maxsize=MAX_CONNECTIONS_PER_HOST,
+                                block=False)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from data_prep import http_pool
+from data_prep import http1
 from data_prep.fetch import FetchOptions, fetch_url
 from data_prep.images import RowRejected
 from loopback_server import LoopbackServer, Response
@@ -217,6 +217,38 @@ def test_reasons_from_raw_answers(script: Callable[[socket.socket], None], optio
         server.close()
 
 
+def _answer(raw: bytes) -> Callable[[socket.socket], None]:
+    def script(conn: socket.socket) -> None:
+        conn.sendall(raw)
+    return script
+
+
+@pytest.mark.parametrize("raw, outcome", [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;name=v\r\n world\r\n"
+     b"0\r\nX-Trailer: t\r\n\r\n", b"hello world"),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"hello"),
+    (b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n\r\n" + b"y" * 70000, b"y" * 70000),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nX-Folded: a\r\n  b\r\n\r\nabcdef", b"abc"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"z" * 10, "connection_error"),  # cut short
+    (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "connection_error"),  # not HTTP
+    (b"HTTP/1.1 200 OK\r\nX-Robots-Tag: otherbot: noai\r\nX-Robots-Tag: noimageai\r\n"
+     b"Content-Length: 1\r\n\r\nx", "opt_out"),  # the second of two headers opts out
+    (b"HTTP/1.1 301 Moved\r\nContent-Length: 0\r\n\r\n", "http_301"),  # a redirect without Location
+], ids=["chunked", "interim-100", "http10-until-close", "lower-case-and-folded-headers",
+        "incomplete-body", "not-http", "second-robots-header", "redirect-without-location"])
+def test_raw_answers(raw: bytes, outcome: bytes | str) -> None:
+    # Body framings and answers beyond what http.server writes: a body (bytes) or a rejection reason (str).
+    server = _RawServer(_answer(raw))
+    options = FetchOptions(timeout_seconds=3, num_retries=0)
+    try:
+        if isinstance(outcome, bytes):
+            assert fetch_url(f"{server.base}/x.jpg", options) == outcome
+        else:
+            assert _reason(f"{server.base}/x.jpg", options) == outcome
+    finally:
+        server.close()
+
+
 def test_timeout_is_retried_and_body_under_the_cap_is_read() -> None:
     server = _RawServer(_drip)
     try:
@@ -261,6 +293,20 @@ def test_connection_reasons() -> None:
 
 
 @pytest.mark.usefixtures("no_resolver")
+def test_connection_failure_details_name_the_cause() -> None:
+    # The stats' `detail`: the resolver's or the OS's words and the host, no client library's object reprs.
+    with pytest.raises(RowRejected) as info:
+        fetch_url("http://images.nonexistent.invalid/a.jpg", FAST)
+    assert info.value.detail == "images.nonexistent.invalid: [Errno -2] Name or service not known"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    with pytest.raises(RowRejected) as info:
+        fetch_url(f"http://127.0.0.1:{closed_port}/a.jpg", FAST)
+    assert info.value.detail.startswith(f"127.0.0.1:{closed_port}: ConnectionRefusedError: ")
+
+
+@pytest.mark.usefixtures("no_resolver")
 def test_https_to_a_plain_http_port_is_a_connection_error(keep_alive: LoopbackServer) -> None:
     assert _reason(keep_alive.base.replace("http://", "https://") + "/img/1") == "connection_error"
 
@@ -282,7 +328,7 @@ def test_a_forked_child_opens_its_own_connections(keep_alive: LoopbackServer) ->
     assert fetch_url(f"{keep_alive.base}/img/1", FAST) == _image(1)
     pid = os.fork()
     if pid == 0:  # the child: only fetch, then leave without running the parent's cleanup
-        ok = not http_pool._managers and fetch_url(f"{keep_alive.base}/img/2", FAST) == _image(2)
+        ok = not http1._idle and fetch_url(f"{keep_alive.base}/img/2", FAST) == _image(2)
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
     assert fetch_url(f"{keep_alive.base}/img/3", FAST) == _image(3)  # the parent's connection still works
