@@ -4,35 +4,24 @@ Every failure becomes `RowRejected` with a reason such as `http_404` or `timeout
 opts out of our use (`X-Robots-Tag: noai`, data_prep/opt_out.py) becomes `opt_out`."""
 from __future__ import annotations
 
-import functools
+import os
+import re
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urljoin
 
-import urllib3
-from urllib3.exceptions import (ConnectTimeoutError, HTTPError, MaxRetryError, NameResolutionError,
-                                NewConnectionError, ProtocolError, ReadTimeoutError)
-from urllib3.util import Retry, Timeout, parse_url
-
 from data_prep import __version__
 from data_prep import http1
-from data_prep.http_pool import proxy_manager_for
 from data_prep.images import RowRejected
 from data_prep.opt_out import DEFAULT_DISALLOWED_DIRECTIVES, HEADER, disallowing_directive, robots_tokens
 
-_CHUNK_BYTES = 1 << 18
-"""At most this much per read of a body (http.client reads no more than the Content-Length left): most
-images come in one or two reads, each a socket call and a hand-off of the GIL."""
 _DRAIN_LIMIT_BYTES = 1 << 16
 """An unwanted body (an error page, an opted-out image) up to this size is read and dropped so that
 its connection can be reused; a longer one closes the connection instead."""
-_MAX_REDIRECTS = 10  # urllib's limit
-# urllib3 (proxied requests) retries nothing: every failure comes straight back to fetch_url, which retries with back-off
-# (no double retries). Redirects are followed by _open; too many return the last 3xx answer (http_3xx).
-_RETRIES = Retry(total=None, connect=0, read=0, status=0, other=0, redirect=0,
-                 raise_on_redirect=False, raise_on_status=False, respect_retry_after_header=False)
+_MAX_REDIRECTS = 10  # urllib's limit; too many return the last 3xx answer (http_3xx)
 
 
 @dataclass(frozen=True)
@@ -86,7 +75,7 @@ def _fetch_once(url: str, options: FetchOptions) -> bytes:
     response = _open(url, options, deadline)
     try:
         return _accept(response, deadline, options)
-    except (HTTPError, OSError, http1.ProtocolError) as exc:  # while reading the body
+    except (OSError, http1.ProtocolError) as exc:  # while reading the body
         response.close()
         raise _Transient(*_transient_reason(exc, options)) from None
     finally:
@@ -94,7 +83,7 @@ def _fetch_once(url: str, options: FetchOptions) -> bytes:
 
 
 class _Answer(Protocol):
-    """What _accept reads of an answer: http1.Response, or _ProxiedAnswer around urllib3's."""
+    """What _accept reads of an answer: http1.Response, or http_pool.ProxiedAnswer around urllib3's."""
 
     status: int
     reason: str
@@ -110,13 +99,13 @@ class _Answer(Protocol):
 def _open(url: str, options: FetchOptions, deadline: float) -> _Answer:
     """The answer to GET `url` after at most _MAX_REDIRECTS redirects (the last 3xx after more).
 
-    A direct request goes to data_prep/http1.py, a proxied one to urllib3's ProxyManager: urllib3's
-    layers and http.client's header parsing were ~0.3 ms of a worker's ~3.5 ms per image
-    (RESULTS.md, issue 16)."""
+    A direct request goes to data_prep/http1.py, a proxied one to urllib3 (data_prep/http_pool.py,
+    imported only then): urllib3's layers and http.client's header parsing were ~0.25 ms of a worker's
+    ~4 ms per image, and its import ~50 ms of the command's start (RESULTS.md, issue 16)."""
     for redirects in range(_MAX_REDIRECTS + 1):
-        manager = proxy_manager_for(url)
-        response = _open_direct(url, options, deadline) if manager is None else _open_proxied(
-            manager, url, options)
+        response = _open_proxied(url, options) if _may_use_proxy() else None
+        if response is None:
+            response = _open_direct(url, options, deadline)
         location = response.header("location") if response.status in _REDIRECT_STATUSES else None
         if not location or redirects == _MAX_REDIRECTS:
             return response
@@ -127,20 +116,19 @@ def _open(url: str, options: FetchOptions, deadline: float) -> _Answer:
 
 
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)  # urllib3's
+_PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")
+
+
+def _may_use_proxy() -> bool:
+    """urllib (whose rules data_prep/http_pool.py follows) takes proxies from these variables on Linux,
+    and from system settings elsewhere too."""
+    return sys.platform != "linux" or any(map(os.environ.get, _PROXY_VARIABLES))
 
 
 def _open_direct(url: str, options: FetchOptions, deadline: float) -> http1.Response:
-    try:  # urllib3's parser: it percent-encodes what may not be sent as it is (spaces, non-ASCII), as before
-        parsed = parse_url(url)
-    except ValueError as exc:
-        raise RowRejected("invalid_url", str(exc)[:200]) from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise RowRejected("invalid_url", url[:200])
-    host = parsed.host.strip("[]")  # an IPv6 literal
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    scheme, host, port, target = _split_url(url)
     try:
-        return http1.get(parsed.scheme, host, port, parsed.request_uri, options.user_agent,
-                         max(deadline - time.monotonic(), 0.001))
+        return http1.get(scheme, host, port, target, options.user_agent, max(deadline - time.monotonic(), 0.001))
     except socket.gaierror as exc:
         raise RowRejected("dns_error", f"{host}: {exc}"[:200]) from None
     except (OSError, http1.ProtocolError) as exc:  # before ValueError: a certificate error is both
@@ -149,56 +137,56 @@ def _open_direct(url: str, options: FetchOptions, deadline: float) -> http1.Resp
         if reason == "connection_error":  # which server, as urllib3's texts said (a redirect may change it)
             detail = f"{host}:{port}: {detail}"[:300]
         raise _Transient(reason, detail, aborted=aborted) from None
-    except ValueError as exc:  # a bad port, a URL http.client would not send
+    except ValueError as exc:  # a URL http.client would not send
         raise RowRejected("invalid_url", str(exc)[:200]) from None
 
 
-def _open_proxied(manager: urllib3.ProxyManager, url: str, options: FetchOptions) -> _ProxiedAnswer:
-    headers, timeout = _request_settings(options.user_agent, options.timeout_seconds)
+# URLs that urllib3's parse_url would send as they are, up to the case of %-escapes, scheme and host:
+# no user info, IPv6 or non-ASCII host, no character it would %-encode, no dot segment, no lone %.
+_PLAIN_URL = re.compile(r"(?i)(https?)://([a-z0-9.-]+)(?::([0-9]{1,5}))?"
+                        r"((?:/[a-z0-9._~!$&'()*+,;=:@%-]*)*)(\?[a-z0-9._~!$&'()*+,;=:@%/?-]*)?(?:#.*)?")
+_DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    """Scheme, host, port and request target, as urllib3's parse_url gives them (percent-encoding
+    what may not be sent, removing dot segments, IDNA hosts): its import is ~50 ms of the command's
+    start, so plain URLs, nearly all, are split here and only the others go to it."""
+    match = _PLAIN_URL.fullmatch(url)
+    if match and not _DOT_SEGMENT.search(match[4]) and not _LONE_PERCENT.search(url):
+        scheme, host, port_text, path, query = match.groups()
+        port = int(port_text) if port_text else 0
+        if port <= 65535:
+            target = (path or "/") + (query or "")
+            if "%" in target:  # urllib3 writes escapes in upper case
+                target = _ESCAPE.sub(lambda escape: escape[0].upper(), target)
+            return scheme.lower(), host.lower(), port or (443 if scheme.lower() == "https" else 80), target
+    from urllib3.util import parse_url  # the general case (import: ~50 ms, once per process)
+
     try:
-        return _ProxiedAnswer(manager.urlopen("GET", url, redirect=False, headers=headers, timeout=timeout,
-                                              retries=_RETRIES, preload_content=False, decode_content=False))
-    except MaxRetryError as exc:
-        raise _rejection(exc.reason, options) from None
-    except ValueError as exc:  # no host, a bad port (LocationValueError): caught before HTTPError, its other base
+        parsed = parse_url(url)
+    except ValueError as exc:
         raise RowRejected("invalid_url", str(exc)[:200]) from None
-    except HTTPError as exc:
-        raise _rejection(exc, options) from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise RowRejected("invalid_url", url[:200])
+    return (parsed.scheme, parsed.host.strip("[]"),  # an IPv6 literal without its brackets
+            parsed.port or (443 if parsed.scheme == "https" else 80), parsed.request_uri)
 
 
-class _ProxiedAnswer:
-    """urllib3's answer through a proxy, read as _Answer."""
+def _open_proxied(url: str, options: FetchOptions) -> _Answer | None:
+    """The answer through the environment's proxy for `url`; None: no proxy for it."""
+    from data_prep import http_pool  # urllib3 and urllib.request: imported only when a proxy may apply
 
-    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
-        self._response = response
-        self.status = response.status
-        self.reason = response.reason or ""
-
-    def header_values(self, name: str) -> list[str]:
-        return self._response.headers.getlist(name)
-
-    def header(self, name: str) -> str | None:
-        return self._response.headers.get(name)
-
-    def settimeout(self, seconds: float) -> None:
-        connection = self._response.connection
-        if connection is not None and connection.sock is not None:
-            connection.sock.settimeout(seconds)
-
-    def read1(self) -> bytes:
-        return self._response.read1(_CHUNK_BYTES)
-
-    def finish(self) -> None:
-        self._response.release_conn()
-
-    def close(self) -> None:
-        self._response.close()
-
-
-@functools.lru_cache(maxsize=16)
-def _request_settings(user_agent: str, timeout_seconds: float) -> tuple[dict[str, str], Timeout]:
-    """The request's headers and urllib3 timeout (urllib3 copies both before changing them)."""
-    return {"User-Agent": user_agent}, Timeout(total=timeout_seconds)
+    try:
+        return http_pool.open_proxied(url, options.user_agent, options.timeout_seconds)
+    except http_pool.ProxiedFailure as exc:
+        if exc.reason in ("dns_error", "invalid_url"):
+            raise RowRejected(exc.reason, exc.detail) from None
+        if exc.reason == "timeout":
+            raise _Transient("timeout", f"over {options.timeout_seconds} s", aborted=exc.aborted) from None
+        raise _Transient(exc.reason, exc.detail, aborted=exc.aborted) from None
 
 
 def _accept(response: _Answer, deadline: float, options: FetchOptions) -> bytes:
@@ -255,20 +243,12 @@ def _discard(response: _Answer, deadline: float) -> None:
                 _wait_at_most_until(response, deadline)
                 if not response.read1():
                     return
-    except (_Transient, HTTPError, OSError, http1.ProtocolError):  # past the deadline, cut short: the
+    except (_Transient, OSError, http1.ProtocolError):  # past the deadline, cut short: the
         pass  # reason stays the answer's own
     response.close()
 
 
-def _rejection(error: Exception | None, options: FetchOptions) -> Exception:
-    """The RowRejected or _Transient for a proxied request's failure before any answer."""
-    if isinstance(error, NameResolutionError):
-        return RowRejected("dns_error", str(error)[:200])
-    return _Transient(*_transient_reason(error, options), aborted=isinstance(error, ProtocolError))
-
-
-def _transient_reason(error: Exception | None, options: FetchOptions) -> tuple[str, str]:
-    if isinstance(error, (ReadTimeoutError, TimeoutError)) or (
-            isinstance(error, ConnectTimeoutError) and not isinstance(error, NewConnectionError)):
+def _transient_reason(error: Exception, options: FetchOptions) -> tuple[str, str]:
+    if isinstance(error, TimeoutError):
         return "timeout", f"over {options.timeout_seconds} s"
     return "connection_error", f"{type(error).__name__}: {error}"[:300]

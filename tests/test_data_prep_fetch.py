@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from data_prep import http1
+from data_prep import fetch, http1
 from data_prep.fetch import FetchOptions, fetch_url
 from data_prep.images import RowRejected
 from loopback_server import LoopbackServer, Response
@@ -132,6 +132,25 @@ def test_opt_out_and_connection_reuse_after_it(keep_alive: LoopbackServer) -> No
     assert _reason(f"{keep_alive.base}/noai-big") == "opt_out"
     # The 1 MB body was not read: its connection is closed, the next image comes whole on a new one.
     assert fetch_url(f"{keep_alive.base}/img/3", FAST) == _image(3)
+
+
+@pytest.mark.parametrize("url", [
+    "http://example.com/a.jpg", "HTTPS://Example.COM:8443/a/b.jpg?x=1&y=%2f%2F#frag", "http://example.com",
+    "http://example.com?q=1", "http://example.com:80/p", "https://example.com:443/p?", "http://e.com/a b.jpg",
+    "http://e.com/caf\u00e9.jpg?w=\u00e9", "http://e.com/a/./b/../c.jpg", "http://e.com/a/..", "http://e.com/100%",
+    "http://e.com/%zz", "http://user:pw@e.com/a", "http://[::1]:8080/a", "http://b\u00fccher.de/a",
+    "http://e.com/a|b^c{d}[e]\"", "http://e.com/p?a=[1]&b=`x`", "http://e.com/~user/!$&'()*+,;=:@-._",
+    "http://e.com:0/a", "http://e.com//double//slash",
+])
+def test_urls_are_split_as_urllib3_splits_them(url: str) -> None:
+    # fetch splits plain URLs itself (urllib3's import is ~50 ms of the command's start); the request
+    # target, host and port must be exactly what urllib3's parse_url sent before.
+    from urllib3.util import parse_url
+
+    parsed = parse_url(url)
+    expected = (parsed.scheme, parsed.host.strip("[]"), parsed.port or (443 if parsed.scheme == "https" else 80),
+                parsed.request_uri)
+    assert fetch._split_url(url) == expected
 
 
 def test_user_agent_is_sent(keep_alive: LoopbackServer) -> None:

@@ -244,6 +244,13 @@ def test_the_command_never_imports_pandas(tmp_path: Path, server: _Server) -> No
     assert _run_the_command(tmp_path, server, before=before)[-1] == "False"
 
 
+def test_the_command_never_imports_urllib3(tmp_path: Path, server: _Server) -> None:
+    """Direct downloads go through data_prep/http1.py; urllib3 (with http.client and the email package),
+    ~50 ms of the command's serial start, is imported only when a proxy may apply or a URL is unusual."""
+    before = "import atexit; atexit.register(lambda: print('urllib3' in sys.modules))"  # main() exits itself
+    assert _run_the_command(tmp_path, server, before=before)[-1] == "False"
+
+
 def test_the_command_skips_the_interpreter_teardown(tmp_path: Path, server: _Server) -> None:
     """Once the job is on disk the command exits at once: exit handlers run (Ray's shutdown, multiprocessing's
     clean-up), the teardown of every module and object (0.15-0.35 s) does not. The code still comes back."""
