@@ -11,6 +11,7 @@ stdout line is JSON: {"eval_seconds", "metrics"}.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import sys
 import time
@@ -39,7 +40,11 @@ def run_ours(argv: list[str]) -> dict:
     _timed(tasks, "evaluate_zero_shot", box)  # tasks.run_zeroshot calls it through the tasks module
     from launch.cli import main
 
-    rc = main(argv)
+    # As `launch` runs it: main() reads sys.argv and, from the command line, ends the process once the
+    # result is written (pipeline.process_exit), so the timing line is printed by an exit handler.
+    atexit.register(_print_line, box)
+    sys.argv = ["launch", *argv]
+    rc = main()
     if rc != 0:
         raise SystemExit(rc)
     return box
@@ -58,15 +63,20 @@ def run_clip_benchmark(config_path: str, argv: list[str]) -> dict:
     return box
 
 
+def _print_line(box: dict) -> None:
+    if "metrics" not in box:  # the command failed before its evaluation ended: its exit code says so
+        return
+    metrics = {k: float(v) for k, v in box["metrics"].items() if isinstance(v, (int, float)) and v is not None}
+    print(json.dumps({"eval_seconds": box["eval_seconds"], "metrics": metrics}), flush=True)
+
+
 def main() -> None:
     side, rest = sys.argv[1], sys.argv[2:]
     split = rest.index("--")
     if side == "ours":
-        box = run_ours(rest[split + 1:])
+        run_ours(rest[split + 1:])  # its exit handler prints the line
     else:
-        box = run_clip_benchmark(rest[0], rest[split + 1:])
-    metrics = {k: float(v) for k, v in box["metrics"].items() if isinstance(v, (int, float)) and v is not None}
-    print(json.dumps({"eval_seconds": box["eval_seconds"], "metrics": metrics}))
+        _print_line(run_clip_benchmark(rest[0], rest[split + 1:]))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="hand the model NCHW batches (default: channels_last memory, as timm's "
+                             "--channels-last: faster convolutions; logits within float rounding of NCHW's)")
     parser.add_argument("--strict", action="store_true",
                         help="a scored sample count that differs from the manifest's is an error, not a warning")
 
@@ -102,7 +105,8 @@ def _options(args: argparse.Namespace):
     except ValueError as err:
         raise ValueError(f"--method: {err}") from None
     return EvalOptions(split=args.split, batch_size=args.batch_size, num_workers=args.workers,
-                       device=args.device, amp=args.amp, probe_method=method, strict=args.strict,
+                       device=args.device, amp=args.amp, channels_last=args.channels_last,
+                       probe_method=method, strict=args.strict,
                        embed_dim=getattr(args, "embed_dim", None))
 
 

@@ -94,3 +94,48 @@ def test_balanced_accuracy_is_sklearns_to_the_bit():
             targets = rng.integers(0, k, n)
             predictions = np.where(rng.random(n) < rng.random(), targets, rng.integers(0, k + 3, n))
             assert balanced_accuracy(targets, predictions) == float(balanced_accuracy_score(targets, predictions))
+
+
+def test_the_model_sees_channels_last_batches_unless_told_otherwise(tmp_path, monkeypatch):
+    """Evaluation hands the model NHWC-memory batches (timm's --channels-last; weights stay NCHW): the same
+    pixel values, and logits within float rounding of an NCHW forward; --no-channels-last gives NCHW."""
+    name = register_tiny_clip(tmp_path / "configs")
+    weights = tmp_path / "tiny.pt"
+    torch.save(tiny_clip(seed=2).state_dict(), weights)
+    data = tmp_path / "toy"
+    write_shards(data / "test", labelled_samples(_images(20), [i % 4 for i in range(20)]), per_shard=7)
+    (data / "classnames.txt").write_text("apple\nboat\ncat\ndog\n")
+    seen: list[tuple[bool, torch.Tensor]] = []
+    logits = []
+    from pipeline.evaluation import zero_shot
+    keep = zero_shot.classification_metrics
+    monkeypatch.setattr(zero_shot, "classification_metrics", lambda lg, tg: (logits.append(lg), keep(lg, tg))[1])
+    for channels_last in (True, False):
+        resolved = resolve(str(weights), name)
+        encode = resolved.model.encode_image
+
+        def recording(images, *args, **kwargs):
+            seen.append((channels_last, images))
+            return encode(images, *args, **kwargs)
+
+        monkeypatch.setattr(resolved.model, "encode_image", recording)
+        evaluate("zeroshot", resolved, data, EvalOptions(batch_size=8, num_workers=1, device="cpu",
+                                                         channels_last=channels_last))
+    nhwc = [images for flag, images in seen if flag]
+    nchw = [images for flag, images in seen if not flag]
+    assert nhwc and all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in nhwc)
+    assert nchw and all(x.is_contiguous() for x in nchw)
+    assert all(torch.equal(a, b) for a, b in zip(nhwc, nchw))  # same values, other memory order
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
+
+
+def test_no_channels_last_on_the_command_line():
+    import argparse
+
+    from launch import eval_cmd
+
+    parser = argparse.ArgumentParser()
+    eval_cmd.add_parser(parser.add_subparsers())
+    common = ["--checkpoint", "x.pt", "--data", "d"]
+    assert eval_cmd._options(parser.parse_args(["eval", "zeroshot", *common])).channels_last
+    assert not eval_cmd._options(parser.parse_args(["eval", "zeroshot", *common, "--no-channels-last"])).channels_last

@@ -10,8 +10,9 @@ per-sample float conversion); `normalise` then does ToTensor's `/ 255` and Norma
 per-sample ToTensor + Normalize, so the model sees bit-identical inputs and scores are unchanged
 (tests/test_evaluation_uint8.py). A transform of any other shape keeps the plain per-sample path.
 
-Not done here, because they change pixels and so can change predictions: reduced-size JPEG decode
-(libjpeg DCT scaling) and channels_last model inputs (other convolution kernels: logits differ by ~1e-6).
+Not done here, because it changes pixels and so can change predictions: reduced-size JPEG decode (libjpeg
+DCT scaling). The batches may be handed over in channels_last memory (EvalOptions.channels_last): the same
+values, though a convolution then sums in another order (logits within float rounding of NCHW's).
 """
 from __future__ import annotations
 
@@ -46,9 +47,11 @@ class Uint8Input:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def normalise(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 as ToTensor + Normalize would give, on `device`."""
-        images = images.to(device, non_blocking=True)
+    def normalise(self, images: torch.Tensor, device: torch.device,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float32 as ToTensor + Normalize would give, on `device`, in `memory_format`
+        (set on the uint8 batch: a quarter of the bytes to reorder; the element-wise steps keep it)."""
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         return images.float().div(255).sub(mean).div(std)
@@ -67,9 +70,15 @@ def split_uint8(transform: Callable) -> Uint8Input | None:
     return Uint8Input(PilToUint8(T.Compose(steps[:-2])), mean, std)
 
 
-def normalised_batches(batches: Iterable[StreamBatch], uint8: Uint8Input,
-                       device: torch.device) -> Iterator[StreamBatch]:
-    """The stream with each batch's uint8 images normalised on `device`. Iterating the loader starts here
-    (a generator expression takes iter() of its source at once): workers decode while the caller sets up."""
-    return (replace(item, batch=replace(item.batch, images=uint8.normalise(item.batch.images, device)))
+def model_input_batches(batches: Iterable[StreamBatch], uint8: Uint8Input | None, device: torch.device,
+                        memory_format: torch.memory_format = torch.contiguous_format) -> Iterator[StreamBatch]:
+    """The stream with each batch's images as the model takes them: uint8 ones normalised on `device`
+    (None: the loader's transform already normalised them), in `memory_format`. Iterating the loader starts
+    here (a generator expression takes iter() of its source at once): workers decode while the caller sets up."""
+    def prepared(images: torch.Tensor) -> torch.Tensor:
+        if uint8 is not None:
+            return uint8.normalise(images, device, memory_format)
+        return images.contiguous(memory_format=memory_format)
+
+    return (replace(item, batch=replace(item.batch, images=prepared(item.batch.images)))
             if item.batch is not None else item for item in batches)
