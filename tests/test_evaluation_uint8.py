@@ -60,13 +60,19 @@ def test_other_transforms_keep_the_plain_path(transform):
     assert split_uint8(transform) is None
 
 
-def test_zero_shot_logits_identical_with_and_without_the_uint8_path(tmp_path, monkeypatch):
+def _toy_set(tmp_path) -> tuple:
+    """A registered tiny CLIP (name), its weights file and a 20-image, 4-class zero-shot set in 3 shards."""
     name = register_tiny_clip(tmp_path / "configs")
     weights = tmp_path / "tiny.pt"
     torch.save(tiny_clip(seed=2).state_dict(), weights)
     data = tmp_path / "toy"
     write_shards(data / "test", labelled_samples(_images(20), [i % 4 for i in range(20)]), per_shard=7)
     (data / "classnames.txt").write_text("apple\nboat\ncat\ndog\n")
+    return name, weights, data
+
+
+def test_zero_shot_logits_identical_with_and_without_the_uint8_path(tmp_path, monkeypatch):
+    name, weights, data = _toy_set(tmp_path)
     logits = []
     inner = tasks.evaluate_zero_shot
 
@@ -99,12 +105,7 @@ def test_balanced_accuracy_is_sklearns_to_the_bit():
 def test_the_model_sees_channels_last_batches_unless_told_otherwise(tmp_path, monkeypatch):
     """Evaluation hands the model NHWC-memory batches (timm's --channels-last; weights stay NCHW): the same
     pixel values, and logits within float rounding of an NCHW forward; --no-channels-last gives NCHW."""
-    name = register_tiny_clip(tmp_path / "configs")
-    weights = tmp_path / "tiny.pt"
-    torch.save(tiny_clip(seed=2).state_dict(), weights)
-    data = tmp_path / "toy"
-    write_shards(data / "test", labelled_samples(_images(20), [i % 4 for i in range(20)]), per_shard=7)
-    (data / "classnames.txt").write_text("apple\nboat\ncat\ndog\n")
+    name, weights, data = _toy_set(tmp_path)
     seen: list[tuple[bool, torch.Tensor]] = []
     logits = []
     from pipeline.evaluation import zero_shot
