@@ -2,8 +2,8 @@
 connections pooled per process and host. Requests through a proxy stay on urllib3 (data_prep/http_pool.py).
 
 Why not urllib3 (or http.client) for these: per image, urllib3's layers and http.client's header parsing
-(the email package) cost ~0.3 ms of a worker's ~3.5 ms of CPU; this client does the same request in
-~0.08 ms (benchmarks/RESULTS.md, issue 16). It sends what urllib3 sent (Host, Accept-Encoding: identity,
+(the email package) cost ~0.25 ms of a worker's ~3.8 ms of CPU: fetch_url took ~0.39 ms of client CPU
+through urllib3, ~0.15 ms through this (one thread, loopback; benchmarks/RESULTS.md, issue 16). It sends what urllib3 sent (Host, Accept-Encoding: identity,
 User-Agent) and reads the answers http.client reads: Content-Length, chunked or until-close bodies,
 interim 1xx answers, HTTP/1.0 servers; TLS with the default context (system trust store, host name
 checked), as urllib3's default. Failures are OSError (socket, TLS, timeouts), socket.gaierror for names
@@ -15,8 +15,11 @@ import os
 import re
 import select
 import socket
-import ssl
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
 
 MAX_HOSTS = 32
 """Hosts whose idle connections are kept (least recently used first out)."""
@@ -319,6 +322,8 @@ def _connect(scheme: str, host: str, port: int, timeout_seconds: float) -> Conne
 def _tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
     """The default context (certificates and host names checked, OpenSSL's trust store, which
     SSL_CERT_FILE / SSL_CERT_DIR move: hence the cache key), built once instead of per connection."""
+    import ssl  # only for https (~6 ms of the command's start otherwise)
+
     context = ssl.create_default_context()
     context.set_alpn_protocols(["http/1.1"])
     return context
