@@ -31,9 +31,12 @@ def _timed(module, name: str, box: dict):
 
 
 def run_ours(argv: list[str]) -> dict:
+    from launch.cli import build_parser
+    from launch.eval_cmd import hidden_while_importing
     from pipeline.import_guard import hidden_modules
 
-    with hidden_modules("wandb"):  # imported here before the command runs: as launch/eval_cmd.py imports it
+    # Imported here before the command runs, as launch/eval_cmd.py imports it (the same probes answered).
+    with hidden_modules(*hidden_while_importing(build_parser(argv).parse_args(argv))):
         from pipeline.evaluation import tasks
 
     box: dict = {}

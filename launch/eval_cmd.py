@@ -110,16 +110,25 @@ def _options(args: argparse.Namespace):
                        embed_dim=getattr(args, "embed_dim", None))
 
 
-def _import_evaluation() -> None:
-    """pipeline.evaluation and what it imports (torch, open_clip -> timm), with timm's import-time probe for
-    wandb answered "not installed": ~0.5 s of every command, and evaluation never logs to W&B."""
-    with hidden_modules("wandb"):
+def hidden_while_importing(args: argparse.Namespace) -> tuple[str, ...]:
+    """What open_clip's and timm's import-time probes are told is not installed (pipeline.import_guard):
+    wandb always (timm's probe, ~0.5 s; evaluation never logs to W&B); huggingface_hub (~0.26 s: httpx and
+    the hub client, probed by both libraries, which remember the answer) unless an `hf-hub:` reference could
+    need it: named on the command line, or in a plan or run config read later."""
+    refs = (getattr(args, "checkpoint", None) or "", getattr(args, "model", None) or "")
+    single_task = getattr(args, "eval_task", None) is not None
+    return ("wandb", "huggingface_hub") if single_task and not any("hf-hub" in ref for ref in refs) else ("wandb",)
+
+
+def _import_evaluation(args: argparse.Namespace) -> None:
+    """pipeline.evaluation and what it imports (torch, open_clip -> timm), with the probes above answered."""
+    with hidden_modules(*hidden_while_importing(args)):
         import pipeline.evaluation.resolver  # noqa: F401
         import pipeline.evaluation.tasks  # noqa: F401
 
 
 def run(args: argparse.Namespace) -> int:
-    _import_evaluation()
+    _import_evaluation(args)
     task = getattr(args, "eval_task", None)
     if task is None and getattr(args, "follow", None):
         return _run_follow(args)

@@ -49,6 +49,23 @@ def test_launch_eval_imports_no_wandb(tmp_path):
     assert json.loads(out.stdout)["metrics"]["num_samples"] == 6
     imported = next(line for line in out.stderr.splitlines() if line.startswith("imported:")).split()
     assert "open_clip" in imported and "timm" in imported and "wandb" not in imported
+    assert "huggingface_hub" not in imported  # a local checkpoint: nothing asks the hub
+
+
+@pytest.mark.parametrize("argv, hidden", [
+    (["eval", "zeroshot", "--checkpoint", "w.pt", "--model", "ViT-B-32", "--data", "d"], ("wandb", "huggingface_hub")),
+    (["eval", "zeroshot", "--checkpoint", "w.pt", "--model", "hf-hub:org/repo", "--data", "d"], ("wandb",)),
+    (["eval", "classify", "--checkpoint", "hf-hub:org/repo", "--data", "d"], ("wandb",)),
+    (["eval", "--config", "plan.yaml"], ("wandb",)),  # a plan may name anything: the hub stays importable
+    (["eval", "--follow", "runs/x"], ("wandb",)),
+])
+def test_the_hub_is_hidden_only_when_no_reference_can_need_it(argv, hidden):
+    """open_clip and timm ask at import whether huggingface_hub is installed (~0.26 s of the command: httpx
+    and the hub client); only an `hf-hub:` reference needs it, and they remember the answer."""
+    from launch.cli import build_parser
+    from launch.eval_cmd import hidden_while_importing
+
+    assert hidden_while_importing(build_parser(argv).parse_args(argv)) == hidden
 
 
 @pytest.mark.parametrize("command", [["status", "--help"], ["submit", "--address", "http://127.0.0.1:1", "--help"]])
