@@ -53,11 +53,19 @@ class StepProfiler:
         if self._profiler is not None and step == self.last:
             self._write(step)
 
-    def close(self, last_done_step: int) -> None:
+    def close(self, last_done_step: int, failing: bool = False) -> None:
         """The loop ended (finished, preempted, failed) after `last_done_step`: a window it cut short is
-        written with the steps it profiled, rather than lost with the profiler."""
-        if self._profiler is not None:
+        written with the steps it profiled, rather than lost with the profiler. `failing`: the run's own
+        exception is propagating, so a profile that cannot be written says why instead of raising (which
+        would put the profiler's error in place of the run's)."""
+        if self._profiler is None:
+            return
+        try:
             self._write(last_done_step, cut_short=True)
+        except Exception as err:  # noqa: BLE001 - only while another exception is on its way out
+            if not failing:
+                raise
+            print(f"[pretrain] profile not written to {self.output_dir}: {type(err).__name__}: {err}", flush=True)
 
     def _write(self, step: int, cut_short: bool = False) -> None:
         if self.device.type == "cuda":

@@ -236,8 +236,11 @@ class _Loop:
                 if step < plan.total_steps and self.preemption is not None and self.preemption.agreed():
                     return self._stop_preempted(step, final)
             return final
+        except BaseException:
+            profiler.close(done, failing=True)  # the run's error, not a profile write's, goes up
+            raise
         finally:
-            profiler.close(done)
+            profiler.close(done)  # a no-op once closed
 
     def _optimizer_step(self, step: int, batches, window: "_Window") -> None:
         """One optimizer step: gradient_accumulation_steps micro-batches, then the EMA update."""

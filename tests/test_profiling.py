@@ -38,3 +38,22 @@ def test_a_finished_window_and_other_ranks_write_once(tmp_path):
     _steps(other_rank, range(1, 3))
     other_rank.close(2)
     assert not (tmp_path / "rank1").exists()
+
+
+def test_a_failing_run_keeps_its_own_error_when_the_profile_cannot_be_written(tmp_path, capsys):
+    """The trainer closes the profiler while the run's own exception propagates: a profile that cannot be
+    written then prints why instead of raising, which would replace the run's error with the profiler's."""
+    blocked = tmp_path / "not_a_dir"
+    blocked.write_text("a file where the profile folder should go")
+    failing = StepProfiler((1, 50), blocked / "profile", torch.device("cpu"), enabled=True)
+    _steps(failing, range(1, 3))
+    failing.close(2, failing=True)
+    assert "profile not written" in capsys.readouterr().out
+    normal = StepProfiler((1, 50), blocked / "profile", torch.device("cpu"), enabled=True)
+    _steps(normal, range(1, 3))
+    try:
+        normal.close(2)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("a run that ends normally reports a profile it cannot write")
