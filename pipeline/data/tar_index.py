@@ -87,12 +87,12 @@ _local_index_samples = 0  # the samples in _LOCAL_INDEXES
 
 
 def index_local(path: str | Path) -> Index:
-    """The index of a local shard, kept for the unchanged file (same size, mtime and inode)."""
+    """The index of a local shard, kept for the unchanged file (same size, mtime, ctime and inode)."""
+    global _local_index_samples
     stat = os.stat(path)
     version = (os.fspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev)
     index = _LOCAL_INDEXES.get(version)
     if index is None:
-        global _local_index_samples
         index = _LOCAL_INDEXES[version] = _index_local_file(path)
         _local_index_samples += len(index)
         while _local_index_samples > _LOCAL_INDEX_MAX_SAMPLES:
