@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data_prep import __version__
+from data_prep.curation_options import CurationOptions, checked_eval_dirs
 from data_prep.fetch import FetchOptions
 from data_prep.images import RESAMPLE_FILTERS, RESIZE_MODES, ImageOptions
 from data_prep.opt_out import DEFAULT_DISALLOWED_DIRECTIVES, parse_directive_list
@@ -197,14 +198,11 @@ def _image_text_request(args: argparse.Namespace):
 def _run_image_text(args: argparse.Namespace) -> int:
     from data_prep.image_text import run_image_text
 
-    # data_prep/filter.py (~20 ms of imports) only when a curation option is given: it checks them.
-    if any(value for value in (args.filter_checkpoint, args.min_clip_score is not None,
-                               args.keep_fraction is not None, args.decontaminate, args.near_dedup)):
-        curation = _curation_options(args, args.filter_checkpoint)
-        if curation.active:
-            from data_prep.filter import curated_image_text
+    curation = _curation_options(args, args.filter_checkpoint)  # checked before any download
+    if curation.active:
+        from data_prep.filter import curated_image_text  # its imports (~20 ms) only when curating
 
-            return _summarise(args.output, curated_image_text(_image_text_request(args), curation))
+        return _summarise(args.output, curated_image_text(_image_text_request(args), curation))
     return _summarise(args.output, run_image_text(_image_text_request(args)))
 
 
@@ -229,9 +227,7 @@ def _add_curation_args(parser: argparse.ArgumentParser, checkpoint_flag: str) ->
     group.add_argument("--near-dedup-max-bits", type=int, default=NEAR_DUP_MAX_BITS, help="(default %(default)s)")
 
 
-def _curation_options(args: argparse.Namespace, checkpoint: str | None):  # -> CurationOptions, imported lazily
-    from data_prep.filter import CurationOptions, checked_eval_dirs
-
+def _curation_options(args: argparse.Namespace, checkpoint: str | None) -> CurationOptions:
     return CurationOptions(checkpoint, args.filter_model, args.min_clip_score, args.keep_fraction,
                            checked_eval_dirs(args.decontaminate), args.decontaminate_max_bits, args.near_dedup,
                            args.near_dedup_max_bits, args.batch_size, args.workers, args.address,

@@ -25,13 +25,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import pyarrow.parquet as pq
 
+from data_prep.curation_options import CurationOptions
 from data_prep.job import JobReport
 from data_prep.manifest import build_manifest, write_dataset_metadata
-from data_prep.near_dup import EVAL_MAX_BITS, NEAR_DUP_MAX_BITS, EvalIndex, NearDupRegistry
+from data_prep.near_dup import EvalIndex, NearDupRegistry
 from data_prep.partition import OK, STATS_SUFFIX, write_stats
 from data_prep.writer import Sample, ShardRecord, write_shard
 from pipeline.data.reader import IMAGE_EXTENSIONS, TarSamples
@@ -40,45 +41,6 @@ from pipeline.data.shards import Shard, read_manifest, resolve_shards
 CLIP_SCORE_BELOW = "clip_score_below"
 EVAL_NEAR_DUPLICATE = "eval_near_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
-
-
-@dataclass(frozen=True)
-class CurationOptions:
-    """What to filter by; shared by `data-prep filter` and `image-text --filter-checkpoint ...`."""
-
-    checkpoint: str | None = None
-    """Any REF `launch eval` resolves; None: no CLIP scores (decontamination / near-dedup only)."""
-    model_name: str | None = None
-    """--model for weights files that do not name their architecture."""
-    min_clip_score: float | None = None
-    keep_fraction: float | None = None
-    decontaminate: tuple[str, ...] = ()
-    """Evaluation set folders (CLIP_benchmark layout or data-prep output) whose near-copies are dropped."""
-    decontaminate_max_bits: int = EVAL_MAX_BITS
-    near_dedup: bool = False
-    near_dedup_max_bits: int = NEAR_DUP_MAX_BITS
-    batch_size: int = 256
-    num_workers: int = 1
-    address: str | None = None
-    show_progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.checkpoint is None and (self.min_clip_score is not None or self.keep_fraction is not None):
-            raise ValueError("--min-clip-score/--keep-fraction need a checkpoint to score with")
-        if self.checkpoint is not None and self.min_clip_score is None and self.keep_fraction is None:
-            raise ValueError("a checkpoint scores pairs: give --min-clip-score S or --keep-fraction F")
-        if self.min_clip_score is not None and self.keep_fraction is not None:
-            raise ValueError("--min-clip-score and --keep-fraction exclude each other")
-        if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
-            raise ValueError(f"--keep-fraction {self.keep_fraction}: expected 0 < F <= 1")
-        if self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("--batch-size and --workers must be at least 1")
-        if not 0 <= self.decontaminate_max_bits < 64:
-            raise ValueError(f"--decontaminate-max-bits {self.decontaminate_max_bits}: expected 0..63")
-
-    @property
-    def active(self) -> bool:
-        return bool(self.checkpoint or self.decontaminate or self.near_dedup)
 
 
 @dataclass
@@ -361,11 +323,3 @@ def curated_image_text(request, options: CurationOptions) -> JobReport:
 
 
 UNFILTERED = ".unfiltered"
-
-
-def checked_eval_dirs(values: Sequence[str] | None) -> tuple[str, ...]:
-    """--decontaminate folders, each checked to exist (one line naming a missing one)."""
-    for value in values or ():
-        if not Path(value).is_dir():
-            raise ValueError(f"--decontaminate {value}: no such evaluation set folder")
-    return tuple(values or ())
