@@ -4,9 +4,10 @@ torchvision's ToTensor + Normalize: evaluation keeps torchvision's operations so
 
 A model's eval transform (open_clip's: Resize, CenterCrop, convert to RGB, ToTensor, Normalize; timm's:
 Resize, CenterCrop, ToTensor, Normalize) is split at its ToTensor: the loader workers run the PIL steps and
-hand over uint8 CHW tensors (a quarter of float32's bytes through the DataLoader's shared memory, no
-per-sample float conversion); `normalise` then does ToTensor's `/ 255` and Normalize's `- mean` and
-`/ std` on the whole batch, on the device. The same float32 operations in the same order as torchvision's
+hand over uint8 HWC tensors, PIL's own memory order (a quarter of float32's bytes through the DataLoader's
+shared memory, no per-sample float conversion or transpose); `normalise` then views the batch as NCHW
+(channels_last memory, free) and does ToTensor's `/ 255` and Normalize's `- mean` and `/ std` on the whole
+batch, on the device. The same float32 operations in the same order as torchvision's
 per-sample ToTensor + Normalize, so the model sees bit-identical inputs and scores are unchanged
 (tests/test_evaluation_uint8.py). A transform of any other shape keeps the plain per-sample path.
 
@@ -28,7 +29,7 @@ from pipeline.data.stream import StreamBatch
 
 
 class PilToUint8:
-    """Picklable (DataLoader workers may be spawned): PIL image -> the PIL steps -> uint8 (3, H, W)."""
+    """Picklable (DataLoader workers may be spawned): PIL image -> the PIL steps -> uint8 (H, W, 3)."""
 
     def __init__(self, pil_steps: Callable[[Image.Image], Image.Image]):
         self.pil_steps = pil_steps
@@ -37,7 +38,9 @@ class PilToUint8:
         image = self.pil_steps(image)
         if image.mode != "RGB":  # ToTensor's channel count follows the mode: only RGB is split off
             raise ValueError(f"uint8 evaluation input expects RGB after the PIL steps, got mode {image.mode}")
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        # HWC as PIL stores it: a per-sample transpose to CHW and the batch's strided stack cost ~0.02 ms an
+        # image; the batch becomes NCHW-shaped for free in normalise (already channels_last memory).
+        return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,10 @@ class Uint8Input:
 
     def normalise(self, images: torch.Tensor, device: torch.device,
                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 as ToTensor + Normalize would give, on `device`, in `memory_format`
-        (set on the uint8 batch: a quarter of the bytes to reorder; the element-wise steps keep it)."""
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) as ToTensor + Normalize would give, on `device`, in
+        `memory_format` (channels_last: the HWC batch already is; NCHW: reordered as uint8, a quarter of the
+        bytes; the element-wise steps keep the order)."""
+        images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         return images.float().div(255).sub(mean).div(std)
