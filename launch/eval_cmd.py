@@ -111,17 +111,24 @@ def _options(args: argparse.Namespace):
 
 
 def hidden_while_importing(args: argparse.Namespace) -> tuple[str, ...]:
-    """What open_clip's and timm's import-time probes are told is not installed (pipeline.import_guard):
-    wandb always (timm's probe, ~0.5 s; evaluation never logs to W&B); huggingface_hub (~0.26 s: httpx and
+    """What the import-time probes of open_clip, timm and torch are told is not installed
+    (pipeline.import_guard): wandb always (timm's probe, ~0.5 s; evaluation never logs to W&B); triton always
+    (torch._dynamo's probe, reached through torchvision.ops, ~0.1-0.15 s: only torch.compile uses triton, and
+    evaluation compiles nothing; torch keeps the answer for the process); huggingface_hub (~0.26 s: httpx and
     the hub client, probed by both libraries, which remember the answer) unless an `hf-hub:` reference could
     need it: named on the command line, or in a plan or run config read later."""
     refs = (getattr(args, "checkpoint", None) or "", getattr(args, "model", None) or "")
     single_task = getattr(args, "eval_task", None) is not None
-    return ("wandb", "huggingface_hub") if single_task and not any("hf-hub" in ref for ref in refs) else ("wandb",)
+    always = ("wandb", "triton")
+    return (*always, "huggingface_hub") if single_task and not any("hf-hub" in ref for ref in refs) else always
 
 
 def _import_evaluation(args: argparse.Namespace) -> None:
     """pipeline.evaluation and what it imports (torch, open_clip -> timm), with the probes above answered."""
+    # torch first, outside the block: its own import asks importlib.util.find_spec about triton, which would
+    # raise for a hidden module instead of answering "absent" as an import probe does.
+    import torch  # noqa: F401
+
     with hidden_modules(*hidden_while_importing(args)):
         import pipeline.evaluation.resolver  # noqa: F401
         import pipeline.evaluation.tasks  # noqa: F401

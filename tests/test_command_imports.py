@@ -50,14 +50,16 @@ def test_launch_eval_imports_no_wandb(tmp_path):
     imported = next(line for line in out.stderr.splitlines() if line.startswith("imported:")).split()
     assert "open_clip" in imported and "timm" in imported and "wandb" not in imported
     assert "huggingface_hub" not in imported  # a local checkpoint: nothing asks the hub
+    assert "triton" not in imported  # torch._dynamo's probe (through torchvision): evaluation compiles nothing
 
 
 @pytest.mark.parametrize("argv, hidden", [
-    (["eval", "zeroshot", "--checkpoint", "w.pt", "--model", "ViT-B-32", "--data", "d"], ("wandb", "huggingface_hub")),
-    (["eval", "zeroshot", "--checkpoint", "w.pt", "--model", "hf-hub:org/repo", "--data", "d"], ("wandb",)),
-    (["eval", "classify", "--checkpoint", "hf-hub:org/repo", "--data", "d"], ("wandb",)),
-    (["eval", "--config", "plan.yaml"], ("wandb",)),  # a plan may name anything: the hub stays importable
-    (["eval", "--follow", "runs/x"], ("wandb",)),
+    (["eval", "zeroshot", "--checkpoint", "w.pt", "--model", "ViT-B-32", "--data", "d"],
+     ("wandb", "triton", "huggingface_hub")),
+    (["eval", "zeroshot", "--checkpoint", "w.pt", "--model", "hf-hub:org/repo", "--data", "d"], ("wandb", "triton")),
+    (["eval", "classify", "--checkpoint", "hf-hub:org/repo", "--data", "d"], ("wandb", "triton")),
+    (["eval", "--config", "plan.yaml"], ("wandb", "triton")),  # a plan may name anything: the hub stays importable
+    (["eval", "--follow", "runs/x"], ("wandb", "triton")),
 ])
 def test_the_hub_is_hidden_only_when_no_reference_can_need_it(argv, hidden):
     """open_clip and timm ask at import whether huggingface_hub is installed (~0.26 s of the command: httpx
