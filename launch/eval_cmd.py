@@ -144,11 +144,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"eval: give a TASK ({', '.join(_TASK_HELP)}) or --config FILE")
         return _run_plan(Path(args.config))
     options = _options(args)
-    if storage.is_remote(args.data):  # sets are read whole: one cached local copy (pipeline/data/local_copy.py)
-        from pipeline.data.local_copy import local_copy
+    from pipeline.data.local_copy import readable_folder
 
-        storage.check_reachable(args.data, "--data")
-        args.data = str(local_copy(args.data))
+    args.data = str(readable_folder(args.data, "--data"))  # sets are read whole: a bucket's is copied once, cached
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder")
     from pipeline.evaluation.resolver import resolve

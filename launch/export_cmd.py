@@ -50,11 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if storage.is_remote(args.output):  # written here, then each file uploaded to the same place under the URL
         with tempfile.TemporaryDirectory(prefix="export_") as folder:
             written = export(resolved, args.export_format, Path(folder) / posixpath.basename(args.output))
-            target = posixpath.dirname(args.output.rstrip("/"))
-            files = []
-            for path in written:
-                files.append(storage.join(target, path.relative_to(folder).as_posix()))
-                storage.upload(path, files[-1])
+            files = storage.upload_written(written, folder, posixpath.dirname(args.output.rstrip("/")))
     else:
         files = [str(p) for p in export(resolved, args.export_format, Path(args.output))]
     print(json.dumps({"model": resolved.model_name, "library": resolved.library, "step": resolved.step,

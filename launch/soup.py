@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
+
+from pipeline import storage
 
 DEFAULT_OUTPUT = "soups/{method}"
 
@@ -26,8 +29,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="run dirs, checkpoint dirs or exports of one architecture and class list")
     parser.add_argument("--method", required=True, choices=("uniform", "greedy"))
     parser.add_argument("--data", required=True, metavar="HELD_OUT",
-                        help="held-out labelled set (DIR/<split>/*.tar or DIR/*.tar), as `launch eval --data`")
-    parser.add_argument("--output", metavar="DIR", help=f"empty or new folder (default: {DEFAULT_OUTPUT})")
+                        help="held-out labelled set (DIR/<split>/*.tar or DIR/*.tar; a bucket URL too), as "
+                             "`launch eval --data`")
+    parser.add_argument("--output", metavar="DIR", help=f"empty or new folder, local or a bucket URL "
+                                                         f"(default: {DEFAULT_OUTPUT})")
     parser.add_argument("--split", default="test", help="split folder of --data to score (default: test)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
     parser.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
@@ -37,14 +42,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.data.local_copy import readable_folder
     from pipeline.evaluation.soup import check_output, make_soup, write_soup
     from pipeline.evaluation.tasks import EvalOptions
 
     options = EvalOptions(split=args.split, batch_size=args.batch_size, num_workers=args.workers,
                           device=args.device)
-    output = Path(args.output or DEFAULT_OUTPUT.format(method=args.method))
+    output = args.output or DEFAULT_OUTPUT.format(method=args.method)
+    if storage.is_remote(output):
+        storage.check_reachable(output, "--output", writable=True)
     check_output(output)
-    soup, record = make_soup(list(args.checkpoints), args.method, Path(args.data), options)
-    files = write_soup(soup, record, output)
-    print(json.dumps({**record, "files": [str(path) for path in files]}, indent=2))
+    soup, record = make_soup(list(args.checkpoints), args.method, readable_folder(args.data, "--data"), options)
+    if storage.is_remote(output):  # written here, then uploaded to the same names under the URL (as export)
+        check_output(output)
+        with tempfile.TemporaryDirectory(prefix="soup_") as folder:
+            local = Path(folder) / "soup"
+            files = storage.upload_written(write_soup(soup, record, local), local, output)
+    else:
+        files = [str(path) for path in write_soup(soup, record, Path(output))]
+    print(json.dumps({**record, "files": files}, indent=2))
     return 0

@@ -1,7 +1,8 @@
 """Checkpoints, run directories and weights files in a bucket, as local copies the usual code reads.
 
-`launch eval`, `launch export`, `launch report`, `distill.teacher` and `model.pretrained_path` take s3:// and
-gs:// references (https:// for weights files): the reference is copied to $RESCLIP_CACHE/refs/<hash of the
+`launch eval`, `launch export`, `launch soup`, `launch report`, `distill.teacher` and `model.pretrained_path`
+take s3:// and gs:// references to run directories, checkpoints, exported folders (open_clip-dir, timm-dir, soups)
+and weights files (https:// for weights files): the reference is copied to $RESCLIP_CACHE/refs/<hash of the
 URL>/ (reused while the bucket's objects keep their ETags) and the copy goes down the local code path, so a
 remote checkpoint is loaded exactly as safely (weights-only) as a local one. `load_weights_file` reads a weights
 file wherever it is.
@@ -16,6 +17,9 @@ import torch
 
 from pipeline import checkpoint, storage
 from pipeline.run_mirror import FETCH_RECORD, fetch_folder, fetch_latest, fresh_fs, listing
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""Files read as weights: a reference ending so is a weights file; a folder holding one is an export."""
 
 
 def localize(url: str) -> Path:
@@ -61,17 +65,20 @@ def _localized(url: str, with_checkpoint: bool) -> Path:
             if fs.isfile(inner):
                 return _fetch_file(url, base / name)
             raise ValueError(f"{url}: no such checkpoint, run directory or weights file")
+        top = {n: info for n, info in files.items() if "/" not in n}
         if checkpoint.META_FILE in files:
-            top = {n: info for n, info in files.items() if "/" not in n}
             return fetch_folder(url, top, base / name)
         if any(n.startswith("checkpoints/") for n in files) or "metrics.jsonl" in files:
             return _fetch_run(url, files, base / name, with_checkpoint)
+        if any(posixpath.splitext(n)[1] in WEIGHT_SUFFIXES for n in top):  # an exported folder or a soup:
+            return fetch_folder(url, top, base / name)  # the resolver checks its layout on the copy
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - botocore/aiohttp/gcsfs raise many types: one line whatever it is
         raise storage.StorageError(f"{url}: cannot read it ({storage.describe(err)}); check the bucket name, "
                                    "AWS_ENDPOINT_URL and the credentials") from None
-    raise ValueError(f"{url}: not a run directory (no checkpoints/) nor a checkpoint (no meta.json)")
+    raise ValueError(f"{url}: not a run directory (no checkpoints/), a checkpoint (no meta.json) nor an exported "
+                     f"folder (no weights file)")
 
 
 def _fetch_run(url: str, files: dict[str, dict], local: Path, with_checkpoint: bool) -> Path:

@@ -15,7 +15,7 @@ import hashlib
 import os
 import posixpath
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 # Variables a worker needs to reach the same buckets as the driver (forwarded to Ray workers).
@@ -176,6 +176,16 @@ def upload(local_path: str | Path, url: str) -> None:
                 fs.put_file(str(child), posixpath.join(inner, child.relative_to(local).as_posix()))
     else:
         fs.put_file(str(local), inner)
+
+
+def upload_written(files: Iterable[str | Path], local_root: str | Path, url_root: str) -> list[str]:
+    """Upload each of `files` (paths under `local_root`) to the same relative place under `url_root`, in order;
+    their URLs. For commands that write a folder or file locally first (export, soup) and then publish it."""
+    urls = []
+    for path in files:
+        urls.append(join(url_root, Path(path).relative_to(local_root).as_posix()))
+        upload(path, urls[-1])
+    return urls
 
 
 def download(url: str, local_path: str | Path) -> Path:

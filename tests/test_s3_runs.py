@@ -237,6 +237,30 @@ def test_eval_export_and_report_read_the_bucket(resumed_run, digits_root, tmp_pa
     assert "no such checkpoint, run directory or weights file" in capsys.readouterr().err
 
 
+def test_a_soup_reads_the_bucket_and_is_written_there(resumed_run, digits_root, tmp_path, monkeypatch, capsys):
+    """`launch soup`: ingredients, held-out set and output all in the bucket; the soup evaluates from there,
+    and a second soup into the same (now non-empty) URL is refused before any work."""
+    from launch.cli import main
+
+    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))
+    run_url = resumed_run["run_url"]
+    base = run_url.rsplit("/", 1)[0]
+    held_out = f"{base}/held_out"
+    storage.upload(Path(digits_root) / "labelled" / "val", f"{held_out}/val")
+    soup_url = f"{base}/soups/uniform"
+    soup = ["soup", "--checkpoints", f"{run_url}/checkpoints/step_00000016", f"{run_url}/checkpoints/step_00000024",
+            "--method", "uniform", "--data", held_out, "--split", "val", "--output", soup_url, "--workers", "0",
+            "--device", "cpu"]
+    assert main(soup) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["files"] and all(f.startswith(f"{soup_url}/") and storage.is_file(f) for f in record["files"])
+    assert main(["eval", "classify", "--checkpoint", soup_url, "--data", held_out, "--split", "val",
+                 "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint_sha256"] == record["content_sha256"]
+    assert main(soup) == 2
+    assert f"--output {soup_url}: exists and is not an empty folder" in capsys.readouterr().err
+
+
 def test_sigterm_puts_the_preemption_checkpoint_in_the_bucket_before_the_exit(bucket, digits_root, tmp_path):
     from pipeline.storage import staging_dir
 

@@ -45,3 +45,12 @@ def local_copy(url: str) -> Path:
         partial.replace(local)
     marker.write_text(json.dumps(listing))
     return target
+
+
+def readable_folder(ref: str, key: str) -> Path:
+    """A command's folder argument `key` (e.g. '--data') as a local folder: a bucket URL is checked for
+    reachability (one line naming `key`) and copied (local_copy); a local path is returned as it is."""
+    if not storage.is_remote(ref):
+        return Path(ref)
+    storage.check_reachable(ref, key)
+    return local_copy(ref)

@@ -31,14 +31,13 @@ import torch
 
 from pipeline import families
 from pipeline.checkpoint import safe_torch_load
-from pipeline.remote_refs import load_weights_file
+from pipeline.remote_refs import WEIGHT_SUFFIXES, load_weights_file
 
 Transform = Callable
 # safetensors metadata keys our exports write (see pipeline.evaluation.export).
 META_LIBRARY, META_MODEL, META_STEP = "resclip.library", "resclip.model", "resclip.step"
 META_CONFIG = "resclip.model_config"  # open_clip architecture config
 META_RUN_CONFIG = "resclip.run_config"  # our checkpoint's full config: rebuilds our own architectures
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import families
+from pipeline import families, storage
 from pipeline.class_names import model_class_names
 from pipeline.evaluation.export import export
 from pipeline.evaluation.resolver import ResolvedModel, resolve, state_dict_sha256
@@ -158,9 +158,10 @@ def make_soup(refs: list[str], method: str, data_dir: Path, options: EvalOptions
     return soup, record
 
 
-def check_output(output: Path) -> None:
-    """--output must be a new or empty folder (checked before the soup is made, and again before writing)."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+def check_output(output: str | Path) -> None:
+    """--output, a local folder or a bucket URL, must be new or empty (checked before the soup is made, and
+    again before writing)."""
+    if storage.exists(output) and (not storage.is_dir(output) or storage.listdir(output)):
         raise ValueError(f"--output {output}: exists and is not an empty folder")
 
 
