@@ -170,22 +170,41 @@ def _check_identity(out_dir: Path, spec: RowSpec, sources: list[SourceTable], jo
         # Eval sets switched to unpadded shard names: never resume one written with `00000.tar`.
         **({"shard_names": "unpadded"} if spec.kind in EVAL_KINDS else {}),
     }))
-    path = out_dir / JOB_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        # Jobs from before --resample existed resized with bicubic: `--resample bicubic` resumes them.
-        previous.get("spec", {}).get("image", {}).setdefault("resample", "bicubic")
-        previous.get("spec", {}).get("image", {}).setdefault("resize_only_if_bigger", False)
-        previous.setdefault("shuffle_seed", None)  # jobs from before shuffling kept the input order
-        if previous != identity:
-            changed = sorted(k for k in identity if previous.get(k) != identity[k])
-            raise ValueError(f"{out_dir} holds the output of a different job ({', '.join(changed)} "
-                             "differ); use a new --output folder or delete this one")
-        return
-    if any(out_dir.glob("*.tar")):
-        raise ValueError(f"{out_dir} already holds shards not written by data-prep; "
-                         "use an empty --output folder")
-    write_bytes_atomic(path, (json.dumps(identity, indent=1) + "\n").encode("utf-8"))
+    if not claim_output(out_dir, identity, _upgrade_identity):
+        if any(out_dir.glob("*.tar")):
+            raise ValueError(f"{out_dir} already holds shards not written by data-prep; "
+                             "use an empty --output folder")
+        write_identity(out_dir, identity)
+
+
+def _upgrade_identity(previous: dict) -> None:
+    # Jobs from before --resample existed resized with bicubic: `--resample bicubic` resumes them.
+    previous.get("spec", {}).get("image", {}).setdefault("resample", "bicubic")
+    previous.get("spec", {}).get("image", {}).setdefault("resize_only_if_bigger", False)
+    previous.setdefault("shuffle_seed", None)  # jobs from before shuffling kept the input order
+
+
+def claim_output(out_dir: Path, identity: dict, upgrade: Callable[[dict], None] = lambda previous: None) -> bool:
+    """True when `out_dir` holds an earlier attempt at the job `identity` (JSON-able: inputs and options),
+    so its finished partitions may be kept; False when it holds no job file (the caller checks what else is
+    there, then writes `identity` with write_identity). ValueError naming the keys that differ when it
+    holds another job's output: resuming is only safe into a folder written by the same job. `upgrade`
+    fills in, on the stored identity, keys that older versions did not record."""
+    path = Path(out_dir) / JOB_FILE
+    if not path.is_file():
+        return False
+    identity = json.loads(json.dumps(identity))  # tuples as lists, as read back
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    upgrade(previous)
+    if previous != identity:
+        changed = sorted(k for k in {*identity, *previous} if previous.get(k) != identity.get(k))
+        raise ValueError(f"{out_dir} holds the output of a different job ({', '.join(changed)} "
+                         "differ); use a new --output folder or delete this one")
+    return True
+
+
+def write_identity(out_dir: Path, identity: dict) -> None:
+    write_bytes_atomic(Path(out_dir) / JOB_FILE, (json.dumps(identity, indent=1) + "\n").encode("utf-8"))
 
 
 def _mark_duplicate_keys(sources: list[SourceTable], key_col: str) -> list[SourceTable]:
