@@ -16,12 +16,16 @@ A row is dropped, in this order, as
   near_duplicate                    within --near-dedup-max-bits of an earlier kept row; `detail` names it.
 Every row's score goes into the stats parquet (`clip_score`), kept or not. When the input is a data-prep
 folder its stats rows (those rejected upstream included) are carried over, so the output's manifest still
-counts every row of the original tables: num_samples + sum(rejected) == num_input_rows."""
+counts every row of the original tables: num_samples + sum(rejected) == num_input_rows.
+
+Resume (data_prep/job.py's _job.json, as image-text): pass 1 writes each input shard's scores to OUTPUT/.scored/
+once the shard is done, pass 2 each output shard's tar then its stats file; a rerun of the same job skips both."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +34,10 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from data_prep.curation_options import CurationOptions
-from data_prep.job import JobReport
+from data_prep.job import JOB_FILE, JobReport, claim_output, write_identity
 from data_prep.manifest import build_manifest, write_dataset_metadata
 from data_prep.near_dup import EvalIndex, NearDupRegistry
-from data_prep.partition import OK, STATS_SUFFIX, write_stats
+from data_prep.partition import OK, STATS_SUFFIX, read_stats, write_stats
 from data_prep.writer import Sample, ShardRecord, write_shard
 from pipeline.data.reader import IMAGE_EXTENSIONS, TarSamples
 from pipeline.data.shards import Shard, read_manifest, resolve_shards
@@ -41,6 +45,11 @@ from pipeline.data.shards import Shard, read_manifest, resolve_shards
 CLIP_SCORE_BELOW = "clip_score_below"
 EVAL_NEAR_DUPLICATE = "eval_near_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
+SCORED_DIR = ".scored"
+"""OUTPUT/.scored/NAME.stats.parquet: pass 1's outcome for input shard NAME (each sample's pHash and score, or
+its problem), renamed into place once the whole shard is scored. A rerun reads it back instead of scoring again."""
+# Options that only spread the work: they may change between attempts at one job (as image-text's fetch options).
+_SCHEDULING_OPTIONS = ("batch_size", "num_workers", "address", "show_progress")
 
 
 @dataclass
@@ -63,8 +72,11 @@ class _InputShard:
     rows: list[_Row] = field(default_factory=list)
 
 
-def run_filter(input_spec: str, output: Path, options: CurationOptions) -> JobReport:
-    """Filter the shards of `input_spec` (a folder, glob or brace list) into `output`."""
+def run_filter(input_spec: str, output: Path, options: CurationOptions,
+               replace_other_filter: bool = False) -> JobReport:
+    """Filter the shards of `input_spec` (a folder, glob or brace list) into `output`, resuming an earlier
+    attempt at the same job there. `output` holding another filter job is an error, or with
+    `replace_other_filter` that job's output is removed first."""
     from data_prep.clip_score import CuratorPool
 
     if not options.active:
@@ -78,13 +90,13 @@ def run_filter(input_spec: str, output: Path, options: CurationOptions) -> JobRe
     _check_output(output, input_spec)
     pool = CuratorPool(options.checkpoint, options.model_name, options.num_workers, options.address)
     try:
+        _claim(output, input_spec, shards, options, pool.description, replace_other_filter)
         index = _eval_index(options, pool)
         samples = TarSamples()
-        _score_all(shards, samples, pool, options)
+        num_scored = _score_all(shards, samples, pool, options, output / SCORED_DIR)
     finally:
         pool.close()
     cut = _decide(shards, index, options)
-    output.mkdir(parents=True, exist_ok=True)
     upstream_stats = _upstream_stats(input_spec, upstream, shards)
     records, rejected, num_rows = _write_outputs(shards, samples, output, upstream_stats)
     for reason, count in _counted_outside_stats(upstream, upstream_stats).items():
@@ -100,19 +112,48 @@ def run_filter(input_spec: str, output: Path, options: CurationOptions) -> JobRe
     manifest["num_input_rows"] = num_rows
     manifest["stats_files"] = sorted(p.name for p in output.glob(f"*{STATS_SUFFIX}"))
     write_dataset_metadata(output, manifest, split="train", dataset_name=output.name)
-    return JobReport(manifest, len(shards), time.monotonic() - start)
+    return JobReport(manifest, num_scored, time.monotonic() - start)
 
 
 def _check_output(output: Path, input_spec: str) -> None:
     if Path(input_spec).resolve() == output.resolve():
         raise ValueError(f"--output {output}: is the input folder; filtered shards go to a new folder")
+    if (output / JOB_FILE).is_file():
+        return  # an earlier attempt at a job: _claim resumes it if it is this one
     old = json.loads((output / "manifest.json").read_text()) if (output / "manifest.json").is_file() else None
     if any(output.glob("*.tar")) and not (old and "filter" in old.get("options", {})):
         raise ValueError(f"--output {output}: holds shards that `data-prep filter` did not write; use an "
                          "empty folder")
+    _remove_output(output)  # a filter's output from before resuming existed: redone whole (options unknown)
+
+
+def _remove_output(output: Path) -> None:
+    """What a filter wrote into `output` (not the .unfiltered folder beside it)."""
     for path in [*output.glob("*.tar"), *output.glob(f"*{STATS_SUFFIX}"), *output.glob("*.idx.json")]:
-        path.unlink()  # an earlier filter's output: redone whole (its inputs or options may differ)
+        path.unlink()
+    shutil.rmtree(output / SCORED_DIR, ignore_errors=True)
     (output / "manifest.json").unlink(missing_ok=True)
+    (output / JOB_FILE).unlink(missing_ok=True)
+
+
+def _claim(output: Path, input_spec: str, shards: list[_InputShard], options: CurationOptions,
+           scoring_model: dict, replace_other_filter: bool) -> None:
+    """Resume only the same job: inputs, what decides (data_prep/job.py's _job.json, refused as image-text
+    refuses a changed job), and the model's weights (a run directory resolves to its newest checkpoint)."""
+    identity = {"job": "filter", "input": input_spec,
+                "shards": [[item.name, item.shard.num_samples] for item in shards],
+                **{k: v for k, v in dataclasses.asdict(options).items() if k not in _SCHEDULING_OPTIONS},
+                "scoring_model": {k: v for k, v in scoring_model.items() if k != "device"}}
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        if claim_output(output, identity):
+            return
+    except ValueError:
+        previous = json.loads((output / JOB_FILE).read_text(encoding="utf-8"))
+        if not (replace_other_filter and previous.get("job") == "filter"):
+            raise
+        _remove_output(output)
+    write_identity(output, identity)
 
 
 def _read_sample(samples: TarSamples, shard: Shard, position: int) -> dict:
@@ -129,13 +170,12 @@ def _image(files: dict) -> bytes:
     return next((files[e] for e in IMAGE_EXTENSIONS if e in files), b"")
 
 
-def _pairs(shards: list[_InputShard], samples: TarSamples) -> Iterator[tuple[_Row, tuple[bytes, str | None]]]:
-    for number, item in enumerate(shards):
-        for position in range(item.shard.num_samples):
-            files = _read_sample(samples, item.shard, position)
-            row = _Row(number, position, files["__key__"])
-            item.rows.append(row)
-            yield row, (_image(files), _caption(files))
+def _pairs(number: int, item: _InputShard, samples: TarSamples) -> Iterator[tuple[_Row, tuple[bytes, str | None]]]:
+    for position in range(item.shard.num_samples):
+        files = _read_sample(samples, item.shard, position)
+        row = _Row(number, position, files["__key__"])
+        item.rows.append(row)
+        yield row, (_image(files), _caption(files))
 
 
 def _batched(pairs: Iterator, size: int) -> Iterator[list]:
@@ -149,18 +189,53 @@ def _batched(pairs: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _score_all(shards: list[_InputShard], samples: TarSamples, pool, options: CurationOptions) -> None:
-    """Pass 1: every sample's pHash and score (or its problem) onto its _Row."""
-    total = sum(s.shard.num_samples for s in shards)
-    batches = list(_batched(_pairs(shards, samples), options.batch_size)) if total else []
-    with _bar(total, options.show_progress, "scored") as bar:
-        results = pool.map("process", ([pair for _, pair in batch] for batch in batches))
-        for batch, scored in zip(batches, results):
+def _score_all(shards: list[_InputShard], samples: TarSamples, pool, options: CurationOptions,
+               scored_dir: Path) -> int:
+    """Pass 1: every sample's pHash and score (or its problem) onto its _Row, read back from `scored_dir` (see
+    SCORED_DIR) for every shard, so that a resumed run decides on exactly the numbers an uninterrupted one
+    does. Shards without such a file are scored first, each written there once its last batch is in; a
+    batch never spans two shards, so a shard's scores do not depend on which shards an earlier attempt
+    finished. Returns the number of shards scored now."""
+    todo = [(number, item) for number, item in enumerate(shards)
+            if _scored_rows(scored_dir, number, item) is None]
+    batches = [(item, batch) for number, item in todo
+               for batch in _batched(_pairs(number, item, samples), options.batch_size)]
+    scored_dir.mkdir(exist_ok=True)
+    with _bar(sum(item.shard.num_samples for _, item in todo), options.show_progress, "scored") as bar:
+        results = pool.map("process", ([pair for _, pair in batch] for _, batch in batches))
+        for index, ((item, batch), scored) in enumerate(zip(batches, results)):
             for (row, _), outcome in zip(batch, scored):
                 row.phash, row.clip_score = outcome.phash, outcome.clip_score
                 if outcome.problem:
                     row.status, row.detail = outcome.problem, "while scoring"
+            if index + 1 == len(batches) or batches[index + 1][0] is not item:
+                _write_scored(scored_dir, item)
             bar(len(batch))
+    for number, item in enumerate(shards):
+        item.rows = _scored_rows(scored_dir, number, item) or []
+    return len(todo)
+
+
+def _scored_path(scored_dir: Path, item: _InputShard) -> Path:
+    return scored_dir / (item.name[: -len(".tar")] + STATS_SUFFIX)
+
+
+def _write_scored(scored_dir: Path, item: _InputShard) -> None:
+    statuses = [{"source": item.shard.path, "source_row": row.position, "key": row.key, "status": row.status,
+                 "detail": row.detail, "clip_score": row.clip_score, "phash": row.phash} for row in item.rows]
+    write_stats(_scored_path(scored_dir, item), statuses, ShardRecord(item.name, item.shard.num_samples, 0, ""))
+
+
+def _scored_rows(scored_dir: Path, number: int, item: _InputShard) -> list[_Row] | None:
+    """The rows of a shard an earlier attempt (or this one) scored; None when it still needs scoring."""
+    path = _scored_path(scored_dir, item)
+    if not path.is_file():
+        return None
+    record, table = read_stats(path)
+    if record.num_samples != item.shard.num_samples or table.num_rows != item.shard.num_samples:
+        return None  # not this input shard's scores (the job identity pins the shards' sizes)
+    columns = ("source_row", "key", "phash", "clip_score", "status", "detail")
+    return [_Row(number, *(row[c] for c in columns)) for row in table.select(list(columns)).to_pylist()]
 
 
 def _eval_index(options: CurationOptions, pool) -> EvalIndex | None:
@@ -248,19 +323,31 @@ def _write_outputs(shards: list[_InputShard], samples: TarSamples, output: Path,
     rejected: dict[str, int] = {}
     num_rows = 0
     for stats_name in sorted(set(by_stats) | set(upstream)):  # zero-padded names: input order
-        item = by_stats.get(stats_name)
-        kept = [row for row in item.rows if row.status == OK] if item else []
-        record = ShardRecord(item.name if item else stats_name.replace(STATS_SUFFIX, ".tar"), 0, 0, "")
-        if kept:
-            record = write_shard(output / item.name, (_sample(samples, item.shard, row) for row in kept))
+        if (output / stats_name).is_file():  # written after its tar by an earlier attempt: done (as image-text)
+            record, table = read_stats(output / stats_name)
+            statuses = table.select(["status"]).to_pylist()
+        else:
+            record, statuses = _write_partition(output, stats_name, by_stats.get(stats_name), samples,
+                                                upstream.get(stats_name), num_rows)
+        if record.num_samples:
             records.append(record)
-        statuses = _statuses(item, upstream.get(stats_name), num_rows)
         for status in statuses:
             if status["status"] != OK:
                 rejected[status["status"]] = rejected.get(status["status"], 0) + 1
         num_rows += len(statuses)
-        write_stats(output / stats_name, statuses, record)
     return records, rejected, num_rows
+
+
+def _write_partition(output: Path, stats_name: str, item: _InputShard | None, samples: TarSamples,
+                     upstream_rows: list[dict] | None, first_row: int) -> tuple[ShardRecord, list[dict]]:
+    """One output partition: the kept samples' tar, then (marking it done) its stats file."""
+    kept = [row for row in item.rows if row.status == OK] if item else []
+    record = ShardRecord(item.name if item else stats_name.replace(STATS_SUFFIX, ".tar"), 0, 0, "")
+    if kept:
+        record = write_shard(output / item.name, (_sample(samples, item.shard, row) for row in kept))
+    statuses = _statuses(item, upstream_rows, first_row)
+    write_stats(output / stats_name, statuses, record)
+    return record, statuses
 
 
 def _sample(samples: TarSamples, shard: Shard, row: _Row) -> Sample:
@@ -274,13 +361,14 @@ def _statuses(item: _InputShard | None, upstream_rows: list[dict] | None, first_
     ours = {row.key: row for row in item.rows} if item else {}
     if upstream_rows is None:
         return [{"row": first_row + i, "source": item.shard.path, "source_row": row.position, "key": row.key,
-                 "status": row.status, "detail": row.detail, "clip_score": row.clip_score}
+                 "status": row.status, "detail": row.detail, "clip_score": row.clip_score, "phash": row.phash}
                 for i, row in enumerate(item.rows)]
     statuses = []
     for status in upstream_rows:
         row = ours.get(status["key"]) if status["status"] == OK else None
         if row is not None:
-            status = {**status, "status": row.status, "detail": row.detail, "clip_score": row.clip_score}
+            status = {**status, "status": row.status, "detail": row.detail, "clip_score": row.clip_score,
+                      "phash": row.phash}
         statuses.append(status)
     return statuses
 
@@ -308,12 +396,14 @@ class _bar:
 def curated_image_text(request, options: CurationOptions) -> JobReport:
     """`image-text` with curation flags: the job writes OUTPUT/.unfiltered (resumable as ever; kept so another
     threshold needs no second download), then it is filtered into OUTPUT. Rows rejected while downloading
-    and rows filtered out are counted together in OUTPUT's manifest."""
+    and rows filtered out are counted together in OUTPUT's manifest. The filter resumes as `data-prep
+    filter` does; other curation flags, or shards that --retry-failed changed, filter OUTPUT anew (it is
+    derived from .unfiltered, which a refusal's "delete this folder" would throw away)."""
     from data_prep.image_text import run_image_text
 
     staging = Path(request.output) / UNFILTERED
     first = run_image_text(dataclasses.replace(request, output=staging))
-    report = run_filter(str(staging), Path(request.output), options)
+    report = run_filter(str(staging), Path(request.output), options, replace_other_filter=True)
     report.seconds += first.seconds
     if request.job.write_report:
         from data_prep.report import write_report

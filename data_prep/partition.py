@@ -30,6 +30,8 @@ _STATS_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("caption", pa.string()), ("label", pa.int32()),
     # Set by `data-prep filter` (data_prep/filter.py) for every row it scored, kept or not; null elsewhere.
     ("clip_score", pa.float32()),
+    # Its 64-bit pHash (data_prep/near_dup.py), likewise from `data-prep filter`; null for an image without one.
+    ("phash", pa.uint64()),
 ])
 
 

@@ -333,3 +333,113 @@ def test_a_uniform_image_gets_no_hash_and_is_neither_matched_nor_recorded():
     assert registry.claim(scored[2].phash, "first") is None
     assert registry.claim(scored[2].phash ^ 0b1011, "second") == ("first", 3)
     assert registry.claim(scored[2].phash ^ 0x1FF, "third") is None  # 9 bits apart: another image
+
+
+# -- resume -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_filter_stopped_mid_job_resumes_without_rescoring_and_ends_as_an_uninterrupted_run(
+        smoke_clip, digits_root, tmp_path, monkeypatch, capsys):
+    from data_prep import filter as filter_module
+    from data_prep.clip_score import Curator
+
+    table = _caption_table(digits_root, tmp_path / "table", 120)
+    for i in (5, 77):  # rejected while sharding: their stats rows are carried over by the filter
+        (tmp_path / "table" / "images" / f"{i}.png").unlink()
+    shards = tmp_path / "shards"
+    assert main(["image-text", "--input", str(table), "--output", str(shards), "--caption-col", "caption",
+                 "--path-col", "file", "--image-size", "32", "--shard-size", "30", "--no-progress",
+                 "--no-report"]) == 0
+    shard_sizes = [s["num_samples"] for s in _manifest(shards)["shards"]]
+    assert len(shard_sizes) == 4 and sum(shard_sizes) == 118
+    # keep-fraction (a cut over every score) and near-dedup (first seen in input order) decide across shards.
+    command = ["filter", "--input", str(shards), "--checkpoint", str(smoke_clip), "--keep-fraction", "0.5",
+               "--near-dedup", "--batch-size", "8", "--no-progress", "--no-report"]
+    whole = tmp_path / "whole"
+    assert main([*command, "--output", str(whole)]) == 0
+
+    scored = {"rows": 0, "batches_left": None}
+    real_process = Curator.process
+
+    def counting_process(self, batch):
+        if scored["batches_left"] == 0:
+            raise RuntimeError("scorer lost")
+        if scored["batches_left"] is not None:
+            scored["batches_left"] -= 1
+        scored["rows"] += len(batch)
+        return real_process(self, batch)
+
+    monkeypatch.setattr(Curator, "process", counting_process)
+    out = tmp_path / "out"
+    # Attempt 1 stops while scoring the second shard: the first shard's 4 batches of 8 are all in.
+    scored["batches_left"] = -(-shard_sizes[0] // 8) + 1
+    with pytest.raises(RuntimeError, match="scorer lost"):
+        main([*command, "--output", str(out)])
+    assert not (out / "manifest.json").exists()
+    # Another cut into the same folder is refused, naming what differs.
+    capsys.readouterr()
+    assert main([*("0.3" if a == "0.5" else a for a in command), "--output", str(out)]) == 2
+    assert "different job (keep_fraction differ)" in capsys.readouterr().err
+
+    # Attempt 2 scores only the shards not finished, then stops after writing the first output shard.
+    scored.update(rows=0, batches_left=None)
+    real_write = filter_module.write_shard
+    writes = []
+
+    def failing_write(*args, **kwargs):
+        if writes:
+            raise OSError(28, "No space left on device")
+        writes.append(args[0])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(filter_module, "write_shard", failing_write)
+    assert main([*command, "--output", str(out)]) == 1
+    assert scored["rows"] == sum(shard_sizes[1:])
+    assert [p.name for p in writes] == ["00000.tar"]
+    done = {name: (out / name).stat().st_mtime_ns for name in ("00000.tar", "00000.stats.parquet")}
+
+    # Attempt 3 scores nothing, keeps the finished partition and completes.
+    monkeypatch.setattr(filter_module, "write_shard", real_write)
+    scored.update(rows=0)
+    assert main([*command, "--output", str(out)]) == 0
+    assert scored["rows"] == 0
+    assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in done.items())
+
+    # The same outcome as one uninterrupted run: kept set, shards byte for byte, stats, manifest.
+    assert _kept_keys(out) == _kept_keys(whole) and 0 < len(_kept_keys(out)) < 118
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in whole.glob("*.tar"))
+    for tar in whole.glob("*.tar"):
+        assert (out / tar.name).read_bytes() == tar.read_bytes()
+    assert _stats(out).equals(_stats(whole))
+    ignore = {"created_utc"}
+    assert ({k: v for k, v in _manifest(out).items() if k not in ignore}
+            == {k: v for k, v in _manifest(whole).items() if k not in ignore})
+    # Every input row of the table exactly once.
+    manifest, stats = _manifest(out), _stats(out)
+    rows = list(zip(stats.column("source").to_pylist(), stats.column("source_row").to_pylist()))
+    assert len(rows) == len(set(rows)) == manifest["num_input_rows"] == 120 and _accounted(manifest)
+    assert {"clip_score_below", "near_duplicate", *_manifest(shards)["rejected"]} <= set(manifest["rejected"])
+    assert main(["verify", str(out)]) == 0
+
+
+@pytest.mark.integration
+def test_image_text_with_curation_resumes_its_filter_and_recuts_on_new_flags(smoke_clip, digits_root, tmp_path,
+                                                                             monkeypatch):
+    from data_prep.clip_score import Curator
+
+    table = _caption_table(digits_root, tmp_path / "table", 40)
+    out = tmp_path / "out"
+    command = ["image-text", "--input", str(table), "--caption-col", "caption", "--path-col", "file",
+               "--image-size", "32", "--shard-size", "20", "--no-progress", "--no-report", "--output", str(out),
+               "--filter-checkpoint", str(smoke_clip)]
+    assert main([*command, "--keep-fraction", "0.5"]) == 0 and _manifest(out)["num_samples"] == 20
+    scored = []
+    real_process = Curator.process
+    monkeypatch.setattr(Curator, "process", lambda self, batch: scored.append(len(batch)) or real_process(self, batch))
+    assert main([*command, "--keep-fraction", "0.5"]) == 0 and scored == []  # the same job: nothing to score
+    # Another cut filters OUTPUT anew from OUTPUT/.unfiltered (refusing would leave only "delete the folder").
+    assert main([*command, "--keep-fraction", "0.25"]) == 0 and sum(scored) == 40
+    manifest = _manifest(out)
+    assert manifest["num_samples"] == 10 and manifest["rejected"] == {"clip_score_below": 30} and _accounted(manifest)
+    assert main(["verify", str(out)]) == 0
