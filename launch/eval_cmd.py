@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import storage
 from pipeline.import_guard import hidden_modules
 
 # pipeline.evaluation pulls in open_clip and scikit-learn: imported when a command runs, not when
@@ -63,8 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE",
                         help="YAML plan: many checkpoints x datasets x tasks, then a summary table")
     parser.add_argument("--follow", metavar="RUN_DIR",
-                        help="evaluate each new complete checkpoint of a run once (data.val, eval.zeroshot); "
-                             "results in RUN_DIR/eval/ and RUN_DIR/eval_follow.jsonl, which a restart resumes from")
+                        help="evaluate each new complete checkpoint of a run (a folder or a bucket URL) once "
+                             "(data.val, eval.zeroshot); results in RUN_DIR/eval/ and RUN_DIR/eval_follow.jsonl, "
+                             "which a restart resumes from")
     parser.add_argument("--interval-s", type=float, default=60.0,
                         help="with --follow: seconds between looks for new checkpoints (default: 60)")
     parser.add_argument("--until-done", action="store_true",
@@ -155,10 +155,8 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve(args.checkpoint, args.model)
     result = evaluate(args.eval_task, resolved, Path(args.data), options)
     print_notes(result)
-    if args.output and storage.is_remote(args.output):  # e.g. RUN_URL/eval/NAME.json, which `launch report` reads
-        storage.write_text(args.output, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    elif args.output:
-        write_result(result, Path(args.output))
+    if args.output:
+        write_result(result, args.output)
     print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 

@@ -261,6 +261,27 @@ def test_a_soup_reads_the_bucket_and_is_written_there(resumed_run, digits_root, 
     assert f"--output {soup_url}: exists and is not an empty folder" in capsys.readouterr().err
 
 
+def test_follow_evaluates_a_bucket_run_and_writes_its_record_there(resumed_run, tmp_path, monkeypatch, capsys):
+    """`launch eval --follow RUN_URL`: every complete checkpoint in the bucket evaluated once, the result JSONs
+    and eval_follow.jsonl written in the bucket, and a second follower finds nothing left to do."""
+    from launch.cli import main
+    from pipeline.evaluation.follow import FOLLOW_LOG
+
+    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))
+    run_url = resumed_run["run_url"]
+    steps = complete_steps(run_url)
+    argv = ["eval", "--follow", run_url, "--until-done", "--interval-s", "0.1"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["evaluated_steps"] == steps
+    rows = [json.loads(line) for line in storage.read_text(f"{run_url}/{FOLLOW_LOG}").splitlines()]
+    assert [row["step"] for row in rows] == steps and all(row["eval/val/num_samples"] == 360 for row in rows)
+    results = [name for name in storage.listdir(f"{run_url}/eval") if name.startswith("val__classification__")]
+    assert len(results) == len(steps)
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["evaluated_steps"] == []
+    assert len(storage.read_text(f"{run_url}/{FOLLOW_LOG}").splitlines()) == len(steps)
+
+
 def test_sigterm_puts_the_preemption_checkpoint_in_the_bucket_before_the_exit(bucket, digits_root, tmp_path):
     from pipeline.storage import staging_dir
 

@@ -15,6 +15,7 @@ below 5 classes), and a val/ key from both at one step would overwrite one numbe
 from __future__ import annotations
 
 import json
+import posixpath
 import sys
 import time
 from dataclasses import dataclass
@@ -79,15 +80,14 @@ def eval_options(cfg: Config, num_cpus: float, device: str | None = None) -> Eva
 
 def evaluate_checkpoint(ckpt_dir: Path, sets: list[EvalSet], options: EvalOptions) -> list[dict]:
     """`launch eval TASK --checkpoint ckpt_dir --data PATH` for every set: the result records, in order."""
+    from pipeline.data.local_copy import readable_folder
+
     resolved = resolve(str(ckpt_dir))
     results = []
     for entry in sets:
-        data_dir = entry.path
-        if storage.is_remote(data_dir):  # sets are read whole: one cached local copy, as `launch eval` reads them
-            from pipeline.data.local_copy import local_copy
-
-            data_dir = str(local_copy(data_dir))
-        results.append(evaluate(entry.task, resolved, Path(data_dir), options))
+        key = "eval.zeroshot" if entry.task == "zeroshot" else "data.val"
+        # Sets are read whole: a bucket's is copied once to the cache, as `launch eval --data` reads it.
+        results.append(evaluate(entry.task, resolved, readable_folder(entry.path, key), options))
     return results
 
 
@@ -117,13 +117,13 @@ def summary_line(step: int, row: dict) -> str:
 # ---------------------------------------------------------------- `launch eval --follow RUN_DIR`
 
 
-def evaluated_steps(run_dir: Path) -> set[int]:
+def evaluated_steps(run_ref: str | Path) -> set[int]:
     """Steps already in the follower's record (a truncated last line, from a killed follower, is ignored)."""
-    path = Path(run_dir) / FOLLOW_LOG
-    if not path.is_file():
+    path = storage.join(run_ref, FOLLOW_LOG)
+    if not storage.is_file(path):
         return set()
     steps = set()
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             steps.add(int(json.loads(line)["step"]))
         except (ValueError, KeyError, TypeError):
@@ -131,17 +131,44 @@ def evaluated_steps(run_dir: Path) -> set[int]:
     return steps
 
 
-def follow_once(run_dir: Path, device: str | None = None) -> list[int]:
-    """Evaluate every complete checkpoint of run_dir not yet in its record; returns the steps evaluated.
+def complete_checkpoints(run_ref: str | Path) -> list[str]:
+    """The run's complete checkpoints, oldest first: local folders, or their URLs for a run in a bucket."""
+    if not storage.is_remote(run_ref):
+        return [str(path) for path in checkpoint.list_complete(Path(run_ref))]
+    from pipeline.run_mirror import complete_steps, remote_steps
 
-    Each result JSON goes to RUN_DIR/eval/ (as `launch eval --output` would write it), then one row to
-    RUN_DIR/eval_follow.jsonl, which is what marks the checkpoint done: a follower killed mid-checkpoint
+    return [storage.join(run_ref, "checkpoints", checkpoint.step_tag(step))
+            for step in complete_steps(remote_steps(str(run_ref)))]
+
+
+def _append_row(run_ref: str | Path, row: dict) -> None:
+    """One line onto the follower's record. In a bucket the object is rewritten whole: the follower is its only
+    writer (unlike metrics.jsonl, which the training run uploads over)."""
+    path, line = storage.join(run_ref, FOLLOW_LOG), json.dumps(row) + "\n"
+    if not storage.is_remote(path):
+        with open(path, "a") as log:
+            log.write(line)
+        return
+    storage.write_text(path, (storage.read_text(path) if storage.is_file(path) else "") + line)
+
+
+def follow_once(run_ref: str | Path, device: str | None = None) -> list[int]:
+    """Evaluate every complete checkpoint of the run (a local folder or a bucket URL) not yet in its record;
+    returns the steps evaluated.
+
+    Each result JSON goes to RUN/eval/ (as `launch eval --output` would write it), then one row to
+    RUN/eval_follow.jsonl, which is what marks the checkpoint done: a follower killed mid-checkpoint
     evaluates it again. Not metrics.jsonl: the training run appends to that file while this runs (and for a run
-    in a bucket, uploads its own copy over it), so rows from a second writer could be lost or cut."""
-    run_dir = Path(run_dir)
-    done, evaluated = evaluated_steps(run_dir), []
-    for ckpt_dir in checkpoint.list_complete(run_dir):
+    in a bucket, uploads its own copy over it), so rows from a second writer could be lost or cut. A checkpoint
+    in a bucket is evaluated from a cached local copy (pipeline.remote_refs)."""
+    done, evaluated = evaluated_steps(run_ref), []
+    for ckpt_ref in complete_checkpoints(run_ref):
         try:
+            ckpt_dir = Path(ckpt_ref)
+            if storage.is_remote(ckpt_ref):
+                from pipeline.remote_refs import localize
+
+                ckpt_dir = localize(ckpt_ref)
             step = checkpoint_step(ckpt_dir)
             if step in done:
                 continue
@@ -149,17 +176,17 @@ def follow_once(run_dir: Path, device: str | None = None) -> list[int]:
             sets = eval_sets(cfg)
             results = evaluate_checkpoint(ckpt_dir, sets, eval_options(cfg, num_cpus=1, device=device))
         except (ValueError, OSError) as err:
-            if (ckpt_dir / checkpoint.META_FILE).is_file():
+            if storage.exists(storage.join(ckpt_ref, checkpoint.META_FILE)):
                 raise
             # Retention deleted it while we read it: nothing left to evaluate, nothing recorded.
-            print(f"[eval] {ckpt_dir.name}: deleted before it could be evaluated ({err})", file=sys.stderr)
+            print(f"[eval] {posixpath.basename(str(ckpt_ref))}: deleted before it could be evaluated ({err})",
+                  file=sys.stderr)
             continue
         for result in results:
-            write_result(result, run_dir / RESULTS_DIR / result_filename(result))
+            write_result(result, storage.join(run_ref, RESULTS_DIR, result_filename(result)))
         row = {"step": step, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "checkpoint": str(ckpt_dir), **metrics_row(sets, results)}
-        with open(run_dir / FOLLOW_LOG, "a") as log:
-            log.write(json.dumps(row) + "\n")
+               "checkpoint": str(ckpt_ref), **metrics_row(sets, results)}
+        _append_row(run_ref, row)
         print(f"[eval] {summary_line(step, row)}", file=sys.stderr, flush=True)
         evaluated.append(step)
     return evaluated
@@ -167,17 +194,17 @@ def follow_once(run_dir: Path, device: str | None = None) -> list[int]:
 
 def follow(run_ref: str, interval_s: float, until_done: bool, device: str | None = None) -> list[int]:
     """Evaluate new complete checkpoints every interval_s; with until_done, return once the run has written
-    its final metrics and a scan after that found nothing new (else run until interrupted)."""
+    its final metrics and a scan after that found nothing new (else run until interrupted). `run_ref`: a run
+    directory, or its URL for a run in a bucket (results and record are written there)."""
     if storage.is_remote(run_ref):
-        raise ValueError(f"--follow {run_ref}: follows a local run directory only (a run in a bucket: follow "
-                         f"its staging folder on the machine that trains)")
-    run_dir = Path(run_ref)
-    if not run_dir.is_dir():
-        raise ValueError(f"--follow {run_dir}: no such run directory")
+        storage.check_reachable(run_ref, "--follow", writable=True)
+    if not storage.is_dir(run_ref):
+        raise ValueError(f"--follow {run_ref}: no such run directory")
     evaluated: list[int] = []
     while True:
-        finished = (run_dir / FINAL_METRICS).is_file()  # read before the scan: its last checkpoint is complete
-        found = follow_once(run_dir, device)
+        # Read before the scan: its last checkpoint is complete.
+        finished = storage.is_file(storage.join(run_ref, FINAL_METRICS))
+        found = follow_once(run_ref, device)
         evaluated += found
         if until_done and finished and not found:
             return evaluated

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from pipeline import families
+from pipeline import families, storage
 from pipeline.class_names import LabelMap, map_by_name, model_class_names
 from pipeline.data.eval_batches import captioned_batches, labelled_batches
 from pipeline.evaluation import datasets
@@ -226,7 +226,13 @@ def _count_warnings(task: str, data_dir: Path, split: str, metrics: dict) -> lis
     return [warning] if warning else []
 
 
-def write_result(result: dict, path: Path) -> None:
+def write_result(result: dict, path: str | Path) -> None:
+    """The result as JSON at `path`, a local file or a bucket URL (e.g. RUN_URL/eval/NAME.json, which
+    `launch report` reads)."""
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    if storage.is_remote(path):
+        storage.write_text(path, text)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    path.write_text(text)
