@@ -107,6 +107,23 @@ class Curator:
         return out
 
 
+def windowed_map(pool, method: str, batches: Iterable[Sequence], window: int) -> Iterator[list]:
+    """`actor.<method>(batch)` for each batch on a Ray ActorPool, results in order, taking a batch from
+    `batches` only while fewer than `window` are out: ActorPool.map submits every value first, so the driver
+    would hold every image of a corpus before the first result."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out = 0
+    for batch in batches:
+        pool.submit(lambda actor, value: getattr(actor, method).remote(value), batch)
+        out += 1
+        if out == window:
+            yield pool.get_next()
+            out -= 1
+    for _ in range(out):
+        yield pool.get_next()
+
+
 class CuratorPool:
     """`map(method, batches)` in order, on one in-process Curator or on a Ray ActorPool of them."""
 
@@ -145,7 +162,8 @@ class CuratorPool:
             for batch in batches:
                 yield call(batch)
             return
-        yield from self._pool.map(lambda actor, batch: getattr(actor, method).remote(batch), batches)
+        # Two batches per actor in flight: each has its next one waiting when it finishes one.
+        yield from windowed_map(self._pool, method, batches, window=2 * len(self._actors))
 
     def close(self) -> None:
         if self._pool is None:

@@ -22,6 +22,7 @@ Resume (data_prep/job.py's _job.json, as image-text): pass 1 writes each input s
 once the shard is done, pass 2 each output shard's tar then its stats file; a rerun of the same job skips both."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -189,26 +190,42 @@ def _batched(pairs: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+def _tagged_batches(todo: list[tuple[int, _InputShard]], samples: TarSamples,
+                    size: int) -> Iterator[tuple[_InputShard, list, bool]]:
+    """(shard, batch, whether it is the shard's last) for every unfinished shard, each batch read only when
+    asked for."""
+    for number, item in todo:
+        last = -(-item.shard.num_samples // size) - 1
+        for index, batch in enumerate(_batched(_pairs(number, item, samples), size)):
+            yield item, batch, index == last
+
+
 def _score_all(shards: list[_InputShard], samples: TarSamples, pool, options: CurationOptions,
                scored_dir: Path) -> int:
     """Pass 1: every sample's pHash and score (or its problem) onto its _Row, read back from `scored_dir` (see
     SCORED_DIR) for every shard, so that a resumed run decides on exactly the numbers an uninterrupted one
     does. Shards without such a file are scored first, each written there once its last batch is in; a
     batch never spans two shards, so a shard's scores do not depend on which shards an earlier attempt
-    finished. Returns the number of shards scored now."""
+    finished. Images are read as the scorers take batches (the pool's window ahead at most), so memory does
+    not grow with the corpus. Returns the number of shards scored now."""
     todo = [(number, item) for number, item in enumerate(shards)
             if _scored_rows(scored_dir, number, item) is None]
-    batches = [(item, batch) for number, item in todo
-               for batch in _batched(_pairs(number, item, samples), options.batch_size)]
     scored_dir.mkdir(exist_ok=True)
+    in_flight: collections.deque = collections.deque()  # (shard, batch, last of its shard), oldest first
+
+    def images() -> Iterator[list]:
+        for tagged in _tagged_batches(todo, samples, options.batch_size):
+            in_flight.append(tagged)
+            yield [pair for _, pair in tagged[1]]
+
     with _bar(sum(item.shard.num_samples for _, item in todo), options.show_progress, "scored") as bar:
-        results = pool.map("process", ([pair for _, pair in batch] for _, batch in batches))
-        for index, ((item, batch), scored) in enumerate(zip(batches, results)):
+        for scored in pool.map("process", images()):
+            item, batch, last = in_flight.popleft()
             for (row, _), outcome in zip(batch, scored):
                 row.phash, row.clip_score = outcome.phash, outcome.clip_score
                 if outcome.problem:
                     row.status, row.detail = outcome.problem, "while scoring"
-            if index + 1 == len(batches) or batches[index + 1][0] is not item:
+            if last:
                 _write_scored(scored_dir, item)
             bar(len(batch))
     for number, item in enumerate(shards):

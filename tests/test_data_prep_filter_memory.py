@@ -1,0 +1,70 @@
+"""`data-prep filter` holds a bounded number of images while it scores: batches are read as the scorers take
+them (at most a window of in-flight batches ahead), not every unfinished shard's images before the first
+batch is scored, which on a real corpus would hold the whole corpus in memory."""
+from __future__ import annotations
+
+import pytest
+
+from data_prep.cli import main
+
+
+def test_in_process_scoring_reads_at_most_one_batch_ahead(digits_root, tmp_path, monkeypatch):
+    from data_prep import filter as filter_module
+    from data_prep.clip_score import Curator
+
+    reads = {"samples": 0}
+    real_read = filter_module._read_sample
+
+    def counting_read(*args, **kwargs):
+        reads["samples"] += 1
+        return real_read(*args, **kwargs)
+
+    ahead = []  # samples read but not yet scored, at each batch the scorer takes
+    scored = {"samples": 0}
+    real_process = Curator.process
+
+    def process(self, batch):
+        ahead.append(reads["samples"] - scored["samples"])
+        scored["samples"] += len(batch)
+        return real_process(self, batch)
+
+    monkeypatch.setattr(filter_module, "_read_sample", counting_read)
+    monkeypatch.setattr(Curator, "process", process)
+    assert main(["filter", "--input", str(digits_root / "image_text" / "train"), "--output", str(tmp_path / "out"),
+                 "--near-dedup", "--batch-size", "16", "--workers", "1", "--no-progress", "--no-report"]) == 0
+    assert scored["samples"] > 16 * 4 and len(ahead) > 4
+    assert max(ahead) <= 16, ahead[:3]
+
+
+def test_the_actor_pool_takes_at_most_its_window_of_batches_ahead(ray_session):
+    from data_prep.clip_score import windowed_map
+
+    @ray_session.remote(num_cpus=0)
+    class Echo:
+        def run(self, batch):
+            return batch
+
+    from ray.util import ActorPool
+
+    taken = []
+
+    def batches():
+        for index in range(40):
+            taken.append(index)
+            yield [index]
+
+    ahead = []
+    results = []
+    for result in windowed_map(ActorPool([Echo.remote(), Echo.remote()]), "run", batches(), window=4):
+        ahead.append(len(taken) - len(results))
+        results.append(result)
+    assert results == [[i] for i in range(40)]  # in order
+    assert max(ahead) <= 4
+
+
+@pytest.mark.parametrize("window", [0, -1])
+def test_a_window_below_one_is_refused(window):
+    from data_prep.clip_score import windowed_map
+
+    with pytest.raises(ValueError, match="window"):
+        list(windowed_map(None, "run", iter([]), window=window))
