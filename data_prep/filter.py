@@ -260,17 +260,18 @@ def _eval_index(options: CurationOptions, pool) -> EvalIndex | None:
     if not options.decontaminate:
         return None
     keys: list[str] = []
-    images: list[bytes] = []
     samples = TarSamples()
-    for folder in options.decontaminate:
-        split = Path(folder) / "test"
-        shards = resolve_shards(str(split if any(split.glob("*.tar")) else folder))
-        for shard in shards:
-            for position in range(shard.num_samples):
-                files = _read_sample(samples, shard, position)
-                keys.append(f"{Path(folder).name}/{shard.path.rsplit('/', 1)[-1]}/{files['__key__']}")
-                images.append(_image(files))
-    hashed = [h for batch in pool.map("eval_hashes", _batched(iter(images), 64)) for h in batch]
+
+    def images() -> Iterator[bytes]:  # read as the curators take batches: only their window in memory
+        for folder in options.decontaminate:
+            split = Path(folder) / "test"
+            for shard in resolve_shards(str(split if any(split.glob("*.tar")) else folder)):
+                for position in range(shard.num_samples):
+                    files = _read_sample(samples, shard, position)
+                    keys.append(f"{Path(folder).name}/{shard.path.rsplit('/', 1)[-1]}/{files['__key__']}")
+                    yield _image(files)
+
+    hashed = [h for batch in pool.map("eval_hashes", _batched(images(), 64)) for h in batch]
     usable = [(k, h) for k, h in zip(keys, hashed) if h is not None]
     return EvalIndex.build([k for k, _ in usable], [h for _, h in usable], options.decontaminate_max_bits)
 

@@ -36,6 +36,37 @@ def test_in_process_scoring_reads_at_most_one_batch_ahead(digits_root, tmp_path,
     assert max(ahead) <= 16, ahead[:3]
 
 
+def test_the_evaluation_sets_are_hashed_as_they_are_read(digits_root, tmp_path, monkeypatch):
+    """--decontaminate: the eval images are hashed a batch at a time as they are read, not all held first
+    (ImageNet's 50,000 validation images would be ~6 GB of JPEG bytes in the driver)."""
+    from data_prep import filter as filter_module
+    from data_prep.clip_score import Curator
+
+    reads = {"samples": 0}
+    real_read = filter_module._read_sample
+
+    def counting_read(*args, **kwargs):
+        reads["samples"] += 1
+        return real_read(*args, **kwargs)
+
+    ahead = []
+    hashed = {"samples": 0}
+    real_hashes = Curator.eval_hashes
+
+    def eval_hashes(self, images):
+        ahead.append(reads["samples"] - hashed["samples"])
+        hashed["samples"] += len(images)
+        return real_hashes(self, images)
+
+    monkeypatch.setattr(filter_module, "_read_sample", counting_read)
+    monkeypatch.setattr(Curator, "eval_hashes", eval_hashes)
+    assert main(["filter", "--input", str(digits_root / "image_text" / "val"), "--output", str(tmp_path / "out"),
+                 "--decontaminate", str(digits_root / "zeroshot"), "--workers", "1", "--no-progress",
+                 "--no-report"]) == 0
+    assert hashed["samples"] > 64 * 2 and len(ahead) > 2
+    assert max(ahead) <= 64, ahead[:3]
+
+
 def test_the_actor_pool_takes_at_most_its_window_of_batches_ahead(ray_session):
     from data_prep.clip_score import windowed_map
 
