@@ -20,6 +20,11 @@ def deepspeed_config(ds_cfg, optim_cfg, batch_size_per_rank: int, on_gpu: bool) 
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on and synchronized by default: a device synchronize at every
+        # forward's start and every step's end, so the host never queues the next step while the GPU runs this
+        # one and each step pays its Python and kernel-launch time on top (tests/test_engine_syncs.py). Nothing
+        # reads it (steps_per_print above); our own throughput comes from the log window.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if grad_clip_norm(optim_cfg):
         config["gradient_clipping"] = grad_clip_norm(optim_cfg)
