@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from data_prep.near_dup import EVAL_MAX_BITS, NEAR_DUP_MAX_BITS
+from data_prep.near_dup import EVAL_MAX_BITS, NEAR_DUP_MAX_BITS, check_max_bits
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class CurationOptions:
             return  # `image-text` without curation builds these too: its --workers is the job's to check
         if self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("--batch-size and --workers must be at least 1")
-        if not 0 <= self.decontaminate_max_bits < 64:
-            raise ValueError(f"--decontaminate-max-bits {self.decontaminate_max_bits}: expected 0..63")
+        check_max_bits(self.decontaminate_max_bits, "--decontaminate-max-bits")
+        check_max_bits(self.near_dedup_max_bits, "--near-dedup-max-bits")  # before any image is scored
 
     @property
     def active(self) -> bool:

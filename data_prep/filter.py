@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from data_prep.curation_options import CurationOptions
 from data_prep.job import JOB_FILE, JobReport, claim_output, write_identity
 from data_prep.manifest import build_manifest, write_dataset_metadata
-from data_prep.near_dup import EvalIndex, NearDupRegistry
+from data_prep.near_dup import EvalIndex, near_duplicates
 from data_prep.partition import OK, STATS_SUFFIX, read_stats, write_stats
 from data_prep.writer import Sample, ShardRecord, write_shard
 from pipeline.data.reader import IMAGE_EXTENSIONS, TarSamples
@@ -298,12 +298,12 @@ def _decide(shards: list[_InputShard], index: EvalIndex | None, options: Curatio
         for row in dropped:
             row.status, row.detail = CLIP_SCORE_BELOW, f"{row.clip_score:.4f} < {cut if cut is None else round(cut, 4)}"
     if options.near_dedup:
-        registry = NearDupRegistry(options.near_dedup_max_bits)
-        for row in rows:
-            if row.status == OK and row.phash is not None:
-                earlier = registry.claim(row.phash, f"{shards[row.shard].name}/{row.key}")
-                if earlier is not None:
-                    row.status, row.detail = NEAR_DUPLICATE, f"{earlier[0]} (pHash {earlier[1]} bits apart)"
+        hashed = [row for row in rows if row.status == OK and row.phash is not None]
+        for row, match in zip(hashed, near_duplicates([row.phash for row in hashed], options.near_dedup_max_bits)):
+            if match is not None:
+                earlier = hashed[match[0]]
+                row.status = NEAR_DUPLICATE
+                row.detail = f"{shards[earlier.shard].name}/{earlier.key} (pHash {match[1]} bits apart)"
     return cut
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,7 @@ _CROP_PAIRS = ((0.0, 0.0), (0.0, 0.05), (0.0, 0.1), (0.05, 0.0), (0.05, 0.05), (
 CROP_VARIANTS = len(_CROP_PAIRS) ** 2
 # Hamming distances computed at once when matching (bounds the temporary matrix to 128 MiB of uint64).
 _MAX_PAIRS_PER_STEP = 1 << 24
+_NEAR_DUP_PAIRS_PER_STEP = 1 << 17  # near_duplicates: ~1 MB temporaries per step (100k rows: 3.8 s at 1 << 13, 1.7 s here)
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -109,31 +110,74 @@ class EvalIndex:
         return found
 
 
-class NearDupRegistry:
-    """First-seen-wins near-duplicates within a corpus: a hash within `max_bits` of an earlier one is a repeat.
+def check_max_bits(max_bits: int, flag: str) -> None:
+    if not 0 <= max_bits < HASH_BITS:
+        raise ValueError(f"{flag} {max_bits}: expected 0..{HASH_BITS - 1}")
 
-    Lookups use the pigeonhole principle: split the 64 bits into max_bits + 1 bands; two hashes at most
-    max_bits apart agree exactly on at least one band, so only hashes sharing a band value are compared."""
 
-    def __init__(self, max_bits: int = NEAR_DUP_MAX_BITS) -> None:
-        if not 0 <= max_bits < HASH_BITS:
-            raise ValueError(f"--near-dedup-max-bits {max_bits}: expected 0..{HASH_BITS - 1}")
-        self.max_bits = max_bits
-        bounds = np.linspace(0, HASH_BITS, max_bits + 2).round().astype(int)
-        self._bands = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        self._tables: list[dict[int, list[tuple[int, str]]]] = [{} for _ in self._bands]
+def _bands(max_bits: int) -> list[tuple[int, int]]:
+    """max_bits + 1 bit ranges covering the 64 bits: two hashes at most max_bits apart agree exactly on at
+    least one of them (pigeonhole), so only hashes sharing a band's value need comparing."""
+    bounds = np.linspace(0, HASH_BITS, max_bits + 2).round().astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
-    def _band_values(self, value: int) -> Iterable[tuple[int, int]]:
-        for index, (lo, hi) in enumerate(self._bands):
-            yield index, (value >> lo) & ((1 << (hi - lo)) - 1)
 
-    def claim(self, value: int, key: str) -> tuple[str, int] | None:
-        """None when `value` is new here (it is recorded under `key`), else (the earlier key, distance in bits)."""
-        for index, band in self._band_values(value):
-            for other, other_key in self._tables[index].get(band, ()):
-                bits = (value ^ other).bit_count()
-                if bits <= self.max_bits:
-                    return other_key, bits
-        for index, band in self._band_values(value):
-            self._tables[index].setdefault(band, []).append((value, key))
-        return None
+def _close_pairs(hashes: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(later, earlier, bits) index arrays of every pair of `hashes` within max_bits, earlier < later, each
+    pair once: per band, the hashes sharing a band value are compared all against all in numpy (in steps of
+    _NEAR_DUP_PAIRS_PER_STEP), instead of one Python comparison per pair."""
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for lo, hi in _bands(max_bits):
+        values = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(values, kind="stable")  # stable: each group lists its hashes in input order
+        splits = np.flatnonzero(np.diff(values[order])) + 1
+        for group in np.split(order, splits):
+            if len(group) < 2:
+                continue
+            members = hashes[group]
+            step = max(1, _NEAR_DUP_PAIRS_PER_STEP // len(group))
+            for start in range(1, len(group), step):
+                stop = min(start + step, len(group))
+                bits = hamming(members[start:stop], members[:stop - 1])  # row r: hash start + r against earlier
+                close = bits <= max_bits
+                close[:, start:] &= np.tri(stop - start, stop - start - 1, -1, dtype=bool)  # only earlier ones
+                hit = np.flatnonzero(close.any(axis=1))  # close pairs are rare: index only their rows
+                later, earlier = np.nonzero(close[hit])
+                later = hit[later]
+                found.append((group[start + later], group[earlier], bits[later, earlier]))
+    if not found:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    later, earlier, bits = (np.concatenate(parts) for parts in zip(*found))
+    # A pair agreeing on several bands was found in each: once, ordered by later, then bits, then earlier.
+    order = np.lexsort((earlier, bits, later))
+    later, earlier, bits = later[order], earlier[order], bits[order]
+    first = np.ones(len(later), dtype=bool)
+    first[1:] = (later[1:] != later[:-1]) | (earlier[1:] != earlier[:-1]) | (bits[1:] != bits[:-1])
+    return later[first], earlier[first], bits[first]
+
+
+def near_duplicates(hashes: Sequence[int | None], max_bits: int = NEAR_DUP_MAX_BITS) -> list[tuple[int, int] | None]:
+    """First seen wins, in input order: for each hash, (the index of the closest earlier *kept* hash within
+    max_bits, the bits between them; ties: the earliest) when it repeats one, else None (kept, or no hash).
+    A repeat claims nothing: a hash close only to repeats is kept.
+
+    Candidate pairs come from _close_pairs (pigeonhole bands compared in numpy): about
+    (max_bits + 1) * N^2 / 2^(64 / (max_bits + 1) + 1) comparisons (N^2 / 30 at 8 bits), done in C, where a
+    Python registry did each one in the interpreter (benchmarks/RESULTS.md, "Near-duplicates at scale")."""
+    check_max_bits(max_bits, "--near-dedup-max-bits")
+    present = [i for i, h in enumerate(hashes) if h is not None]
+    result: list[tuple[int, int] | None] = [None] * len(hashes)
+    if len(present) < 2:
+        return result
+    later, earlier, bits = _close_pairs(np.array([hashes[i] for i in present], dtype=np.uint64), max_bits)
+    kept = np.ones(len(present), dtype=bool)
+    starts = np.flatnonzero(np.r_[True, later[1:] != later[:-1]]) if len(later) else []
+    ends = [*starts[1:], len(later)]
+    for start, end in zip(starts, ends):  # later ascending: every earlier row's fate is already known
+        for k in range(start, end):  # closest first, then earliest
+            if kept[earlier[k]]:
+                kept[later[k]] = False
+                result[present[later[k]]] = (present[earlier[k]], int(bits[k]))
+                break
+    return result

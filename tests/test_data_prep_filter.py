@@ -318,7 +318,7 @@ def test_near_duplicates_within_the_corpus_keep_the_first(tile_eval_set, tmp_pat
 
 def test_a_uniform_image_gets_no_hash_and_is_neither_matched_nor_recorded():
     from data_prep.clip_score import Curator
-    from data_prep.near_dup import NearDupRegistry
+    from data_prep.near_dup import near_duplicates
 
     sky = Image.new("RGB", (64, 64), (120, 160, 220))
     noisy = np.clip(np.asarray(sky, dtype=np.int16) + np.random.default_rng(0).integers(-3, 4, (64, 64, 3)), 0, 255)
@@ -329,10 +329,9 @@ def test_a_uniform_image_gets_no_hash_and_is_neither_matched_nor_recorded():
         encoded.append((buffer.getvalue(), None))
     scored = Curator(None).process(encoded)
     assert [s.phash is None for s in scored] == [True, True, False]
-    registry = NearDupRegistry(8)
-    assert registry.claim(scored[2].phash, "first") is None
-    assert registry.claim(scored[2].phash ^ 0b1011, "second") == ("first", 3)
-    assert registry.claim(scored[2].phash ^ 0x1FF, "third") is None  # 9 bits apart: another image
+    photo = scored[2].phash
+    # 9 bits apart: another image; the flat ones have no hash, so they match nothing and claim nothing.
+    assert near_duplicates([photo, scored[0].phash, photo ^ 0b1011, photo ^ 0x1FF], 8) == [None, None, (0, 3), None]
 
 
 # -- resume -------------------------------------------------------------------------------------------------
