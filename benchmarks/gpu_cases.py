@@ -130,9 +130,9 @@ def ours(model_name: str, shards: str, batch: int, steps: int, workers: int, cpu
     if profile_dir is not None and (Path(out) / "case" / "profile").is_dir():
         shutil.copytree(Path(out) / "case" / "profile", profile_dir, dirs_exist_ok=True)
     # Rows whose window held a profiled step are slower by the profiler's own cost: left out.
-    first, last = profile_window(steps) if profile_dir is not None else (0, -1)
+    window = profile_window(steps) if profile_dir is not None else None  # no profile: every row counts
     rows = [r for r in rows if "train/samples_per_second" in r and r["step"] > steps // 3
-            and not (first <= r["step"] and r["step"] - LOG_EVERY_STEPS < last)]
+            and not (window and window[0] <= r["step"] and r["step"] - LOG_EVERY_STEPS < window[1])]
     if result.returncode != 0 or not rows:
         return {"error": (result.stderr or result.stdout)[-2000:], "rc": result.returncode}
     return {"samples_per_second": statistics.median(r["train/samples_per_second"] for r in rows),
