@@ -358,15 +358,97 @@ def _small_image(conn: socket.socket) -> None:
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with the openssl command")
-def test_https_verifies_the_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def _self_signed(folder: Path) -> tuple[ssl.SSLContext, Path]:
+    """A TLS server context for 127.0.0.1 and its (self-signed) certificate file."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert, key)
+    return tls, cert
+
+
+class _ConnectProxy:
+    """An HTTP proxy that only tunnels (CONNECT host:port), as corporate proxies do for https:// URLs; it
+    records each tunnel's target and never sees the TLS inside."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.tunnels: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = client.recv(4096)
+            if not data:
+                client.close()
+                return
+            head += data
+        method, target = head.split(b"\r\n", 1)[0].decode().split(" ")[:2]
+        if method != "CONNECT":
+            client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            client.close()
+            return
+        self.tunnels.append(target)
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    try:
+                        end.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with the openssl command")
+@pytest.mark.usefixtures("no_resolver")
+def test_https_through_a_connect_proxy_verifies_the_server_end_to_end(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """https_proxy: the download goes through the proxy's CONNECT tunnel, and the certificate checked is the
+    image server's (a proxy cannot stand in for it)."""
+    tls, cert = _self_signed(tmp_path)
+    server, proxy = _RawServer(_small_image, tls), _ConnectProxy()
+    port = server.base.rsplit(":", 1)[1]
+    monkeypatch.setenv("https_proxy", proxy.base)
+    try:
+        assert _reason(f"{server.base}/x.jpg") == "connection_error"  # self-signed: not trusted through it either
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert fetch_url(f"{server.base}/x.jpg", FAST) == b"hello"
+        assert set(proxy.tunnels) == {f"127.0.0.1:{port}"} and server.num_requests == len(proxy.tunnels)
+    finally:
+        server.close()
+        proxy.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with the openssl command")
+def test_https_verifies_the_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tls, cert = _self_signed(tmp_path)
     server = _RawServer(_small_image, tls)
     try:
         assert _reason(f"{server.base}/x.jpg") == "connection_error"  # self-signed: not trusted
