@@ -32,12 +32,11 @@ def _timed(module, name: str, box: dict):
 
 def run_ours(argv: list[str]) -> dict:
     from launch.cli import build_parser
-    from launch.eval_cmd import hidden_while_importing
-    from pipeline.import_guard import hidden_modules
+    from launch.eval_cmd import import_evaluation
 
-    # Imported here before the command runs, as launch/eval_cmd.py imports it (the same probes answered).
-    with hidden_modules(*hidden_while_importing(build_parser(argv).parse_args(argv))):
-        from pipeline.evaluation import tasks
+    # Imported here before the command runs, by the command's own import step (the same probes answered).
+    import_evaluation(build_parser(argv).parse_args(argv))
+    from pipeline.evaluation import tasks
 
     box: dict = {}
     _timed(tasks, "evaluate_zero_shot", box)  # tasks.run_zeroshot calls it through the tasks module

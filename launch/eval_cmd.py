@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.import_guard import hidden_modules
+from pipeline.import_guard import import_hiding
 
 # pipeline.evaluation pulls in open_clip and scikit-learn: imported when a command runs, not when
 # `launch` builds its parser (that kept every `launch` command ~7 s slower to start).
@@ -123,19 +123,21 @@ def hidden_while_importing(args: argparse.Namespace) -> tuple[str, ...]:
     return (*always, "huggingface_hub") if single_task and not any("hf-hub" in ref for ref in refs) else always
 
 
-def _import_evaluation(args: argparse.Namespace) -> None:
+def import_evaluation(args: argparse.Namespace) -> None:
     """pipeline.evaluation and what it imports (torch, open_clip -> timm), with the probes above answered."""
-    # torch first, outside the block: its own import asks importlib.util.find_spec about triton, which would
-    # raise for a hidden module instead of answering "absent" as an import probe does.
+    # torch first, outside the hiding: its own import asks importlib.util.find_spec about triton, which has
+    # no "absent" answer to give for a hidden module (import_hiding would then import everything twice).
     import torch  # noqa: F401
 
-    with hidden_modules(*hidden_while_importing(args)):
+    def importer() -> None:
         import pipeline.evaluation.resolver  # noqa: F401
         import pipeline.evaluation.tasks  # noqa: F401
 
+    import_hiding(hidden_while_importing(args), importer)
+
 
 def run(args: argparse.Namespace) -> int:
-    _import_evaluation(args)
+    import_evaluation(args)
     task = getattr(args, "eval_task", None)
     if task is None and getattr(args, "follow", None):
         return _run_follow(args)

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
+
+
+class HiddenModuleError(ImportError):
+    """An import of a hidden module: what an import-time probe catches. One that escapes the block came from
+    a caller that does not expect it (e.g. `importlib.util.find_spec`, which has no "absent" answer to give
+    here): import again without hiding (`import_hiding`)."""
 
 
 class _Hide:
@@ -20,7 +26,7 @@ class _Hide:
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
         if name.split(".", 1)[0] in self.names:
-            raise ImportError(f"{name}: hidden while another library imports (pipeline.import_guard)")
+            raise HiddenModuleError(f"{name}: hidden while another library imports (pipeline.import_guard)")
 
 
 @contextlib.contextmanager
@@ -32,3 +38,14 @@ def hidden_modules(*names: str) -> Iterator[None]:
         yield
     finally:
         sys.meta_path.remove(hook)
+
+
+def import_hiding(names: tuple[str, ...], importer: Callable[[], None]) -> None:
+    """importer() with `names` hidden; if a hidden module's ImportError escapes it (a library asked in a way
+    its code does not catch), importer() again without hiding: hiding saves start-up time and must never
+    cost a command."""
+    try:
+        with hidden_modules(*names):
+            importer()
+    except HiddenModuleError:
+        importer()

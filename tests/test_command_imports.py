@@ -34,6 +34,23 @@ print("imported after", wandb.__name__)
     assert out.split("\n")[:2] == ["hidden inside", "imported after wandb"]
 
 
+def test_a_hidden_module_a_library_needs_is_imported_after_all():
+    """A library that asks for a hidden module in a way it does not catch (here: PIL, which evaluation
+    imports outright; in real life importlib.util.find_spec) gets it on a second, unhidden import: hiding
+    saves start-up time and must never break the command."""
+    script = """
+import argparse, sys
+from launch import eval_cmd
+eval_cmd.hidden_while_importing = lambda args: ("PIL", "wandb")
+eval_cmd.import_evaluation(argparse.Namespace())
+import pipeline.evaluation.tasks, PIL
+print("imported", "pipeline.evaluation.tasks" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["imported", "True"]
+
+
 def test_launch_eval_imports_no_wandb(tmp_path):
     """The eval command scores as before and never imports wandb: timm's probe (through open_clip) was
     answered "not installed" (wandb is installed in the test environment)."""
