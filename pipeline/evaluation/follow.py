@@ -131,13 +131,15 @@ def evaluated_steps(run_ref: str | Path) -> set[int]:
     return steps
 
 
-def complete_checkpoints(run_ref: str | Path) -> list[str]:
-    """The run's complete checkpoints, oldest first: local folders, or their URLs for a run in a bucket."""
+def complete_checkpoints(run_ref: str | Path) -> list[tuple[int | None, str]]:
+    """(step, checkpoint) of the run's complete checkpoints, oldest first: local folders (step None: read from
+    meta.json where retention may have deleted it meanwhile), or URLs for a run in a bucket with the step from
+    its listing, so an evaluated checkpoint is never downloaded."""
     if not storage.is_remote(run_ref):
-        return [str(path) for path in checkpoint.list_complete(Path(run_ref))]
+        return [(None, str(path)) for path in checkpoint.list_complete(Path(run_ref))]
     from pipeline.run_mirror import complete_steps, remote_steps
 
-    return [storage.join(run_ref, "checkpoints", checkpoint.step_tag(step))
+    return [(step, storage.join(run_ref, "checkpoints", checkpoint.step_tag(step)))
             for step in complete_steps(remote_steps(str(run_ref)))]
 
 
@@ -162,7 +164,9 @@ def follow_once(run_ref: str | Path, device: str | None = None) -> list[int]:
     in a bucket, uploads its own copy over it), so rows from a second writer could be lost or cut. A checkpoint
     in a bucket is evaluated from a cached local copy (pipeline.remote_refs)."""
     done, evaluated = evaluated_steps(run_ref), []
-    for ckpt_ref in complete_checkpoints(run_ref):
+    for listed_step, ckpt_ref in complete_checkpoints(run_ref):
+        if listed_step in done:
+            continue
         try:
             ckpt_dir = Path(ckpt_ref)
             if storage.is_remote(ckpt_ref):
